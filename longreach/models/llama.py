@@ -177,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
-            elif p.dim() >= 2 and not name.startswith("model.layers") or ("_proj" in name and p.dim() >= 2) or name.startswith("model.embed"):
+            elif p.dim() >= 2 and ".impl." not in name:  # attention-module parameters keep their own init
                 p.normal_(0.0, std, generator=generator)
         return self
 

@@ -40,6 +40,9 @@ class ModelArgs:
     """'llama', 'qwen2' or 'mistral': only decides the config written on save."""
     rope_scaling: Optional[dict] = None
     """HF-style rope scaling dict ({'rope_type': 'linear'|'dynamic'|'yarn'|'llama3', 'factor': ..., ...})."""
+    sliding_window: Optional[int] = None
+    """Mistral/Qwen2 sliding-window size from the loaded config, kept so a save writes it back; our attention
+    is full causal (identical only for sequences <= sliding_window; ``models/load.py`` checks this)."""
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     torch_dtype: str = "float32"

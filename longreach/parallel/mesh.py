@@ -1,0 +1,182 @@
+"""The device mesh: data-parallel x ring x Ulysses, built once from config and passed down as an argument.
+
+Rank layout (row-major over ``(dp, ring, ulysses)``): ``rank = (dp_idx * ring + ring_idx) * ulysses + uly_idx``.
+Ulysses groups are the innermost, contiguous ranks, so on a multi-GPU node they share NVLink (all-to-all is
+bandwidth-hungry); the ring crosses Ulysses sub-groups; the CP group is ring x ulysses; data parallel is outermost.
+
+Who gets which group: attention uses ``ring_group`` / ``ulysses_group``; the loss token count is all-reduced over
+``dp_cp_group``; DeepSpeed gets :meth:`Mesh.deepspeed_mpu`, whose "data parallel" group is ``dp_group`` and whose
+"sequence data parallel" group (what ZeRO partitions over and all-reduces gradients over) is ``dp_cp_group``,
+because CP ranks hold the same parameters and compute partial gradients of the same loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("ring", "ulysses", "hybrid")
+
+
+def split_cp(*, cp: int, ulysses: int, strategy: str) -> tuple[int, int]:
+    """(ring size, ulysses size) for a strategy, refusing inconsistent settings with the field to fix."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"parallel.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if cp < 1 or ulysses < 1:
+        raise ValueError(f"parallel.cp={cp} and parallel.ulysses={ulysses} must be >= 1")
+    if strategy == "ring":
+        if ulysses != 1:
+            raise ValueError(f"parallel.ulysses={ulysses} is only used by parallel.strategy=ulysses or hybrid; set it to 1")
+        return cp, 1
+    if strategy == "ulysses":
+        if ulysses not in (1, cp):
+            raise ValueError(f"parallel.strategy=ulysses needs parallel.ulysses == parallel.cp (got {ulysses} and {cp})")
+        return 1, cp
+    if cp % ulysses:
+        raise ValueError(f"parallel.strategy=hybrid needs parallel.ulysses={ulysses} to divide parallel.cp={cp}")
+    return cp // ulysses, ulysses
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This rank's coordinates and process groups. Built by :func:`build_mesh`; never global."""
+
+    world_size: int
+    rank: int
+    dp: int
+    """Data-parallel degree."""
+    ring: int
+    """Ring degree (ranks passing KV around)."""
+    ulysses: int
+    """Ulysses degree (ranks exchanging heads for sequence)."""
+    strategy: str
+    dp_rank: int
+    ring_rank: int
+    ulysses_rank: int
+    dp_group: Optional[dist.ProcessGroup]
+    """Ranks holding the same sequence position (same ring/ulysses coordinate), different data."""
+    cp_group: Optional[dist.ProcessGroup]
+    """Ranks sharing one sequence (ring x ulysses)."""
+    ring_group: Optional[dist.ProcessGroup]
+    ulysses_group: Optional[dist.ProcessGroup]
+    dp_cp_group: Optional[dist.ProcessGroup]
+    """All ranks holding the same parameters (dp x cp): gradient reduction and the global token count."""
+    self_group: Optional[dist.ProcessGroup] = None
+    """This rank alone (DeepSpeed's model-parallel group of size 1)."""
+
+    @property
+    def cp(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def cp_rank(self) -> int:
+        return self.ring_rank * self.ulysses + self.ulysses_rank
+
+    def deepspeed_mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
+
+
+def build_mesh(*, cp: int, ulysses: int, strategy: str, world_size: Optional[int] = None,
+               rank: Optional[int] = None) -> Mesh:
+    """Create every group of the mesh. Collective: all ranks of the default group call it with the same arguments
+    (``dist.new_group`` must be entered by every rank for every group, in the same order)."""
+    world_size = dist.get_world_size() if world_size is None else world_size
+    rank = dist.get_rank() if rank is None else rank
+    ring, uly = split_cp(cp=cp, ulysses=ulysses, strategy=strategy)
+    if world_size % cp:
+        raise ValueError(f"parallel.cp={cp} does not divide the world size {world_size}; launch a multiple of {cp} ranks")
+    dp = world_size // cp
+
+    def coords(r: int) -> tuple[int, int, int]:
+        return r // cp, (r % cp) // uly, r % uly
+
+    def make(key) -> Optional[dist.ProcessGroup]:
+        # one group per distinct key value; every rank creates all of them, keeps its own
+        mine = None
+        for k in sorted({key(r) for r in range(world_size)}):
+            ranks = [r for r in range(world_size) if key(r) == k]
+            g = dist.new_group(ranks)
+            if key(rank) == k:
+                mine = g
+        return mine
+
+    d, ri, ui = coords(rank)
+    mesh = Mesh(
+        world_size=world_size, rank=rank, dp=dp, ring=ring, ulysses=uly, strategy=strategy,
+        dp_rank=d, ring_rank=ri, ulysses_rank=ui,
+        dp_group=make(lambda r: coords(r)[1:]),
+        cp_group=make(lambda r: coords(r)[0]),
+        ring_group=make(lambda r: (coords(r)[0], coords(r)[2])),
+        ulysses_group=make(lambda r: coords(r)[:2]),
+        dp_cp_group=make(lambda r: 0),
+        self_group=make(lambda r: r),
+    )
+    if rank == 0:
+        log.info("mesh: world=%d dp=%d ring=%d ulysses=%d strategy=%s", world_size, dp, ring, uly, strategy)
+    return mesh
+
+
+class DeepSpeedMPU:
+    """The Megatron-style ``mpu`` object ``deepspeed.initialize(mpu=...)`` reads its groups from.
+
+    DeepSpeed all-reduces gradients and partitions ZeRO state over the *sequence data parallel* group, which here
+    is dp x cp (every rank with the same parameters); its "data parallel" group is dp alone (used for the
+    data-parallel world size, i.e. how many different batches are in a step).
+    """
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    # model parallel: none (size 1)
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_group(self):
+        return self.mesh.self_group
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.mesh.rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    # data parallel
+    def get_data_parallel_group(self):
+        return self.mesh.dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.mesh.dp
+
+    def get_data_parallel_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    # sequence (context) parallel
+    def get_sequence_parallel_group(self):
+        return self.mesh.cp_group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.mesh.cp
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.mesh.cp_rank
+
+    def get_sequence_data_parallel_group(self):
+        return self.mesh.dp_cp_group
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.mesh.dp * self.mesh.cp
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.mesh.rank

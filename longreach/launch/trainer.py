@@ -188,10 +188,12 @@ class Trainer:
     over the world). ``shard_fn(batch) -> (local batch, AttnContext)`` cuts each micro-batch for this rank
     (the context-parallel shard plan); the default keeps it whole. ``on_checkpoint(step, path)`` is called
     on every rank after a checkpoint is complete (tests use it to kill the process there).
+    ``save_checkpoints=False`` writes none (benchmarks).
     """
 
     def __init__(self, cfg: RunConfig, model: nn.Module, *, dist: DistInfo, dp_group=None, sp_group=None,
-                 shard_fn: Optional[ShardFn] = None, on_checkpoint: Optional[Callable[[int, os.PathLike], None]] = None):
+                 shard_fn: Optional[ShardFn] = None, on_checkpoint: Optional[Callable[[int, os.PathLike], None]] = None,
+                 save_checkpoints: bool = True):
         import deepspeed
 
         self.cfg, self.dist = cfg, dist
@@ -203,6 +205,7 @@ class Trainer:
         check_run(cfg, dist=dist, dp_size=dp_size, sp_size=sp_size, shard_fn_given=shard_fn is not None)
         self.shard_fn = shard_fn or identity_shard
         self.on_checkpoint = on_checkpoint
+        self.save_checkpoints = save_checkpoints  # False: benchmarks (no files, no resume)
         self.bf16 = resolve_bf16(cfg, dist.device)
         self.run_dir = cfg.run_dir
         t = cfg.train
@@ -247,7 +250,7 @@ class Trainer:
     def resume(self) -> Optional[TrainState]:
         """Load the latest complete checkpoint when train.resume is on; None when there is none."""
         self.ckpt.clean_partial()
-        if not self.cfg.train.resume:
+        if not (self.cfg.train.resume and self.save_checkpoints):
             return None
         path = self.ckpt.latest()
         if path is None:
@@ -291,7 +294,7 @@ class Trainer:
                 if main and (step % t.log_every == 0 or step == t.steps or m["skipped"]):
                     sink.write(m)
                     tracker.log(m, step)
-                if (t.save_every and step % t.save_every == 0) or step == t.steps:
+                if self.save_checkpoints and ((t.save_every and step % t.save_every == 0) or step == t.steps):
                     path = self.ckpt.save(self.engine, TrainState(step=step, data_position=self.data_position,
                                                                   metrics=self.history))
                     if self.on_checkpoint is not None:

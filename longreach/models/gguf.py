@@ -153,13 +153,14 @@ def _read(reader, path, check) -> tuple[dict[str, torch.Tensor], ModelArgs]:
 
 def gguf_tokenizer(path: Path, reader=None):
     """transformers fast tokenizer built from the GGUF's tokenizer metadata (None when it has none)."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     if reader is not None and "tokenizer.ggml.tokens" not in reader.fields:
         log.warning("GGUF %s has no tokenizer metadata; tokenizer=None", path)
         return None
-
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # The fast-tokenizer class directly, not AutoTokenizer: AutoTokenizer first builds the model config through
+    # load_gguf_checkpoint, a second full parse of the file (~25 s for SmolLM2); the saved files are identical.
+    return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def convert_cached(path: str | Path, cache_dir: Optional[Path] = None,

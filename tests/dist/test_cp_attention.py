@@ -118,12 +118,12 @@ def _bf16_worker(rank, world, outdir):
         for t, got, bl, want in (("out", out, base, ref), ("dq", dq, qb.grad, qr.grad), ("dk", dk, kb.grad, kr.grad),
                                  ("dv", dv, vb.grad, vr.grad)):
             want_l = plan.shard(want)[:, real]
-            cp_err = (got[:, real].double() - want_l).abs().max()
-            base_err = (plan.shard(bl.double())[:, real] - want_l).abs().max()
+            cp_err = (got.detach()[:, real].double() - want_l).abs().max()
+            base_err = (plan.shard(bl.detach().double())[:, real] - want_l).abs().max()
             # compare over the whole sequence: gather both maxima over the CP group
             errs = torch.stack([cp_err, base_err])
             torch.distributed.all_reduce(errs, op=torch.distributed.ReduceOp.MAX)
-            report[f"{strategy} U={uly} {t}"] = [float(errs[0]), float(errs[1])]
+            report[f"{strategy} U={uly} {t}"] = [float(errs[0].detach()), float(errs[1].detach())]
             assert errs[0] <= 2 * errs[1], f"W={world} {strategy} {t}: bf16 CP error {errs[0]:.3g} > 2x single-process {errs[1]:.3g}"
     if rank == 0:
         with open(f"{outdir}/bf16_{world}.json", "w") as f:
@@ -144,18 +144,18 @@ def _bad_input_worker(rank, world, outdir):
     assert info.comm.counts == {}, "a refused call must not have communicated"
 
 
+def _all_worker(rank, world, outdir):
+    # one spawn per world size runs every check: process start-up dominates the runtime on a shared CPU
+    _exact_worker(rank, world, outdir)
+    _bf16_worker(rank, world, outdir)
+    if world == 2:
+        _bad_input_worker(rank, world, outdir)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_cp_exact_fp64(world, tmp_path):
-    spawn(_exact_worker, world, str(tmp_path))
+def test_cp_attention_exact_bf16_comm_counts(world, tmp_path):
+    """fp64 exactness (1e-12), bf16 error <= 2x single-process, collective counts; at W=2 also bad head counts."""
+    spawn(_all_worker, world, str(tmp_path))
     res = json.loads((tmp_path / f"exact_{world}.json").read_text())
     print(f"world {world}: {res['cases']} tensors, max |err| {res['max_err']:.2e}")
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_cp_bf16_error_does_not_grow(world, tmp_path):
-    spawn(_bf16_worker, world, str(tmp_path))
-    print(f"world {world}:", (tmp_path / f"bf16_{world}.json").read_text())
-
-
-def test_cp_bad_heads_refused_on_every_rank(tmp_path):
-    spawn(_bad_input_worker, 2, str(tmp_path))
+    print(f"world {world} bf16 [cp_err, single_err]:", (tmp_path / f"bf16_{world}.json").read_text())

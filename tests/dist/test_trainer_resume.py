@@ -23,8 +23,9 @@ OVERRIDES = ["train.steps=4", "train.save_every=1", "train.lr=1e-2", "train.warm
 def _run(tmp_path, name, runs):
     spec = tmp_path / f"{name}.json"
     spec.write_text(json.dumps({"runs": runs}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # a fresh single-process job: drop the launcher variables an in-process test may have set in this process
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return subprocess.run([sys.executable, str(HERE / "trainer_runner.py"), str(spec)], env=env,
                           capture_output=True, text=True, timeout=240)
 

@@ -403,9 +403,10 @@ _dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_TUNE_KEY,
                               prune_configs_by={"early_config_prune": _prune(True)})(_attn_bwd_dkdv)
 
 
-def _launch(tuned, raw, grid, args, kwargs):
+def _launch(tuned, raw, grid, args, kwargs, sp_block: int):
     if INTERPRET:
-        raw[grid](*args, **kwargs, BLOCK_M=INTERP_TOKENS * kwargs["PACK"], BLOCK_N=INTERP_TOKENS)
+        tokens = INTERP_TOKENS if sp_block % INTERP_TOKENS == 0 else 16
+        raw[grid](*args, **kwargs, BLOCK_M=tokens * kwargs["PACK"], BLOCK_N=tokens)
     else:
         tuned[grid](*args, **kwargs)
 
@@ -446,7 +447,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), spb, spw, sps, spst, _tune_len(max_q))
     kw = dict(GROUP=group, PACK=pack, CAUSAL=causal, SPARSE=sparse is not None, HEAD_DIM=d)
-    _launch(_fwd_tuned, _attn_fwd, grid, args, kw)
+    _launch(_fwd_tuned, _attn_fwd, grid, args, kw, spb)
     return out, lse
 
 
@@ -482,7 +483,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     _launch(_dkdv_tuned, _attn_bwd_dkdv, grid_kv,
             (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, scale * LOG2E, scale,
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, _tune_len(max_k)), kw)
+             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, _tune_len(max_k)), kw, spb)
 
     def grid_q(meta):
         return (triton.cdiv(max_q, meta["BLOCK_M"] // pack), n_docs, hq // pack)
@@ -490,5 +491,5 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     _launch(_dq_tuned, _attn_bwd_dq, grid_q,
             (q, k, v, do, lse, delta, dq, cu_q, cu_k, dense, scale * LOG2E, scale,
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-             dq.stride(0), dq.stride(1), lse.stride(0), *sp, _tune_len(max_q)), kw)
+             dq.stride(0), dq.stride(1), lse.stride(0), *sp, _tune_len(max_q)), kw, spb)
     return dq, dk, dv

@@ -35,8 +35,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _dot(a, b, F32: tl.constexpr):
+    # F32: full-precision fp32 products (fp32 inputs, and the interpreter whose bf16 dot is wrong);
+    # Triton's default for an fp32 dot is tf32 (~3e-4 relative error per product, 1e-3 at the output)
     if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
 
 
@@ -318,7 +320,12 @@ def _blocks(kd: int, vd: int) -> tuple[int, int]:
     return min(64, _pow2(kd)), min(64, _pow2(vd))
 
 
+def _f32(q: torch.Tensor) -> bool:
+    return _INTERPRET or q.dtype == torch.float32
+
+
 def _fwd(q, k, v, scale, h0, z0, with_den, want_final):
+    f32 = _f32(q)
     b, t, hq, kd = q.shape
     hkv, vd = k.shape[2], v.shape[3]
     g = hq // hkv
@@ -331,17 +338,18 @@ def _fwd(q, k, v, scale, h0, z0, with_den, want_final):
     zt = torch.empty(b, hkv, kd, device=dev, dtype=torch.float32) if (want_final and with_den) else None
     _fwd_h[(triton.cdiv(kd, bk), triton.cdiv(vd, bv), b * hkv)](
         k, v, h, zb, h0, z0, ht, zt, t, nt, HKV=hkv, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
-        USE_H0=h0 is not None, STORE_HT=want_final, WITH_Z=with_den, F32=_INTERPRET, num_warps=4)
+        USE_H0=h0 is not None, STORE_HT=want_final, WITH_Z=with_den, F32=f32, num_warps=4)
     o = torch.empty(b, t, hq, vd, device=dev, dtype=q.dtype)
     den = torch.empty(b, t, hq, device=dev, dtype=torch.float32) if with_den else None
     bk_o = min(128 if q.element_size() == 2 else 64, _pow2(kd))  # fp32 tiles of 128 overflow shared memory
     _fwd_o[(triton.cdiv(vd, bv), nt, b * hq)](
         q, k, v, h, zb, o, den, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk_o, BV=bv,
-        WITH_Z=with_den, F32=_INTERPRET, num_warps=4)
+        WITH_Z=with_den, F32=f32, num_warps=4)
     return o, den, ht, zt, h, zb
 
 
 def _bwd(q, k, v, h, zb, do, dden, dht, dzt, scale, want_dh0, want_dz0):
+    f32 = _f32(q)
     b, t, hq, kd = q.shape
     hkv, vd = k.shape[2], v.shape[3]
     g = hq // hkv
@@ -359,17 +367,17 @@ def _bwd(q, k, v, h, zb, do, dden, dht, dzt, scale, want_dh0, want_dz0):
         dht = torch.zeros(b, hkv, kd, vd, device=dev, dtype=torch.float32)
     _bwd_dh[(triton.cdiv(kd, bk), triton.cdiv(vd, bv), b * hkv)](
         q, do, dden, dh, dzb, dht, dzt, dh0, dz0, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
-        USE_DHT=dht is not None, STORE_DH0=want_dh0, WITH_Z=with_den, F32=_INTERPRET, num_warps=4)
+        USE_DHT=dht is not None, STORE_DH0=want_dh0, WITH_Z=with_den, F32=f32, num_warps=4)
     dq = torch.empty_like(q)
     _bwd_dq[(triton.cdiv(kd, bk), nt, b * hq)](
         k, v, h, zb, do, dden, dq, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
-        WITH_Z=with_den, F32=_INTERPRET, num_warps=4)
+        WITH_Z=with_den, F32=f32, num_warps=4)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _bwd_dk[(triton.cdiv(kd, bk), nt, b * hkv)](
         q, v, dh, dzb, do, dden, dk, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
-        WITH_Z=with_den, F32=_INTERPRET, num_warps=4)
+        WITH_Z=with_den, F32=f32, num_warps=4)
     _bwd_dv[(triton.cdiv(vd, bv), nt, b * hkv)](
-        q, k, dh, do, dv, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv, F32=_INTERPRET, num_warps=4)
+        q, k, dh, do, dv, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv, F32=f32, num_warps=4)
     return dq, dk, dv, dh0, (dz0 if want_dz0 else None)
 
 

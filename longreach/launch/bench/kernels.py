@@ -1,0 +1,234 @@
+"""``longreach bench kernels``: time our flash and S2 kernels against torch SDPA (cuDNN, flash) and FlexAttention.
+
+Forward and forward+backward, batch 1, causal, bf16, at the given lengths; prints a table and writes JSON.
+FLOPs: causal forward 2*S^2*H*D (half of 4*S^2*H*D), forward+backward 3.5x that; S2 rows count the attended
+fraction only. ``--check`` first compares the kernels with an fp32 reference on the GPU (out, lse, grads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import platform
+import time
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _bench(fn: Callable[[], None], reps_ms: int) -> float:
+    """Median milliseconds (device events via triton's do_bench)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=max(reps_ms // 4, 1), rep=reps_ms, return_mode="median"))
+
+
+def _inputs(s: int, hq: int, hkv: int, d: int, device, dtype=torch.bfloat16):
+    g = torch.Generator(device=device).manual_seed(s)
+    q = torch.randn(1, s, hq, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, s, hkv, d, device=device, dtype=dtype, generator=g)
+    v = torch.randn(1, s, hkv, d, device=device, dtype=dtype, generator=g)
+    return q, k, v
+
+
+def _time_pair(fwd: Callable[[], torch.Tensor], params: list, reps_ms: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms); params get requires_grad."""
+    with torch.no_grad():
+        t_f = _bench(lambda: fwd(), reps_ms)
+    for p in params:
+        p.requires_grad_(True)
+    out = fwd()
+    dout = torch.randn_like(out)
+
+    def step():
+        for p in params:
+            p.grad = None
+        fwd().backward(dout)
+
+    t_fb = _bench(step, reps_ms)
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    return t_f, t_fb
+
+
+def _methods(s: int, hq: int, hkv: int, d: int, pattern, skip: set) -> dict:
+    """name -> (forward function returning out [B, S, Hq, D] or [B, Hq, S, D], tensors needing grad, sparse?)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ...kernels import flash_attention, s2_attention
+
+    q, k, v = _inputs(s, hq, hkv, d, "cuda")
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D]
+    m: dict = {}
+    m["ours_flash"] = (lambda: flash_attention(q, k, v, causal=True, return_lse=False), [q, k, v], False)
+    m["ours_s2"] = (lambda: s2_attention(q, k, v, block=pattern.block, window=pattern.window, sink=pattern.sink,
+                                         stride=pattern.stride, return_lse=False), [q, k, v], True)
+    # SDPA: GQA via enable_gqa where the backend takes it, otherwise KV repeated outside the timed region
+    krep, vrep = (x.repeat_interleave(hq // hkv, 1).contiguous() for x in (kt, vt))
+    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+        def f(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qt, krep, vrep, is_causal=True)
+        m[name] = (f, [qt, krep, vrep], False)
+    if "flex" not in skip:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def causal(b, h, qi, ki):
+            return ki <= qi
+
+        # _compile=True: the mask is built block-wise, never as a dense [H, S, S] tensor (128K would not fit)
+        bm_dense = create_block_mask(causal, 1, None, s, s, device="cuda", _compile=True)
+        bm_s2 = create_block_mask(pattern.flex_mask_mod(hq // hkv), 1, hq, s, s, device="cuda",
+                                  BLOCK_SIZE=pattern.block, _compile=True)
+        m["flex"] = (lambda: flex(qt, kt, vt, block_mask=bm_dense, enable_gqa=True), [qt, kt, vt], False)
+        m["flex_s2"] = (lambda: flex(qt, kt, vt, block_mask=bm_s2, enable_gqa=True), [qt, kt, vt], True)
+    return {k_: v_ for k_, v_ in m.items() if k_ not in skip}
+
+
+def check(device: str = "cuda") -> list[dict]:
+    """Kernel vs fp32 reference at moderate sizes on the GPU; also plain bf16 torch's error (the 2x criterion)."""
+    from ...kernels import flash_attention, s2_attention
+    from ...kernels.flash import flash_attention_block, flash_attention_block_backward
+    from ...kernels.flash.reference import attention_reference
+    from ...kernels.s2 import S2Pattern, s2_reference
+
+    rows = []
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    cases = [("flash", 1, 1000, 8, 2, 128, None), ("flash", 2, 777, 4, 4, 64, None),
+             ("flash_docs", 1, 3000, 8, 2, 128, [0, 1000, 1001, 2500, 3000]),
+             ("s2", 1, 2100, 8, 2, 128, None), ("s2_docs", 1, 3000, 8, 2, 128, [0, 1200, 3000])]
+    pat = S2Pattern(block=128, window=512, sink=128, stride=3)
+    for name, b, s, hq, hkv, d, docs in cases:
+        q, k, v = _inputs(s, hq, hkv, d, device)
+        q, k, v = (x.expand(b, -1, -1, -1).contiguous() for x in (q, k, v))
+        cu = torch.tensor(docs if docs else [i * s for i in range(b + 1)], dtype=torch.int32, device=device)
+        qs, ks, vs = (x.detach().reshape(-1, x.shape[2], d).float().requires_grad_() for x in (q, k, v))
+        if name.startswith("s2"):
+            ref_o, ref_l = s2_reference(qs, ks, vs, cu, pattern=pat, scale=d ** -0.5)
+        else:
+            ref_o, ref_l = attention_reference(qs, ks, vs, cu, cu, causal=True, scale=d ** -0.5)
+        do = torch.randn_like(ref_o)
+        ref_o.backward(do)
+        # plain bf16 torch: the same reference computed in bf16
+        qb, kb, vb = (x.detach().reshape(-1, x.shape[2], d).requires_grad_() for x in (q, k, v))
+        if name.startswith("s2"):
+            bo, _ = s2_reference(qb, kb, vb, cu, pattern=pat, scale=d ** -0.5)
+        else:
+            bo, _ = attention_reference(qb, kb, vb, cu, cu, causal=True, scale=d ** -0.5)
+        bo.backward(do.bfloat16())
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+        kw = dict(cu_seqlens=cu) if docs else {}
+        if name.startswith("s2"):
+            o, l = s2_attention(q, k, v, block=pat.block, window=pat.window, sink=pat.sink, stride=pat.stride, **kw)
+        else:
+            o, l = flash_attention(q, k, v, causal=True, **kw)
+        o.backward(do.view(o.shape).bfloat16())
+        l = l.transpose(0, 1).reshape(hq, -1) if l.dim() == 3 else l
+        row = {"case": name, "S": s, "B": b, "Hq": hq, "Hkv": hkv, "D": d,
+               "out": rel(o.reshape(ref_o.shape), ref_o), "lse": rel(l, ref_l),
+               "dq": rel(q.grad.reshape(qs.shape), qs.grad), "dk": rel(k.grad.reshape(ks.shape), ks.grad),
+               "dv": rel(v.grad.reshape(vs.shape), vs.grad),
+               "torch_bf16_out": rel(bo, ref_o), "torch_bf16_dq": rel(qb.grad, qs.grad),
+               "torch_bf16_dk": rel(kb.grad, ks.grad), "torch_bf16_dv": rel(vb.grad, vs.grad)}
+        rows.append(row)
+    # block API: a 2-chunk ring by hand (diagonal + full step merged in fp32) equals the whole
+    s, hq, hkv, d = 1024, 8, 2, 128
+    q, k, v = _inputs(s, hq, hkv, d, device)
+    h = s // 2
+    o_full, l_full = flash_attention(q.float(), k.float(), v.float(), causal=True)
+    o1, l1 = flash_attention_block(q[:, h:], k[:, h:], v[:, h:], mask="causal")
+    o2, l2 = flash_attention_block(q[:, h:], k[:, :h], v[:, :h], mask="full")
+    lse = torch.logaddexp(l1, l2)
+    o = o1 * torch.exp(l1 - lse).transpose(1, 2)[..., None] + o2 * torch.exp(l2 - lse).transpose(1, 2)[..., None]
+    rows.append({"case": "block_merge", "out": rel(o, o_full[:, h:]), "lse": rel(lse, l_full[:, :, h:])})
+    do = torch.randn_like(o)
+    g1 = flash_attention_block_backward(do, q[:, h:], k[:, h:], v[:, h:], o, lse, mask="causal")
+    g2 = flash_attention_block_backward(do, q[:, h:], k[:, :h], v[:, :h], o, lse, mask="full")
+    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+    of, _ = flash_attention(qf, kf, vf, causal=True)
+    (of[:, h:] * do).sum().backward()
+    rows.append({"case": "block_bwd", "dq": rel(g1[0] + g2[0], qf.grad[:, h:]),
+                 "dk": rel(torch.cat([g2[1], g1[1]], 1), kf.grad), "dv": rel(torch.cat([g2[2], g1[2]], 1), vf.grad)})
+    return rows
+
+
+def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, pattern) -> list[dict]:
+    results = []
+    for s in seqlens:
+        flops_fwd = 2.0 * s * s * hq * d  # causal: half of 4*S^2*H*D
+        dens = pattern.density(s, hkv)
+        methods = _methods(s, hq, hkv, d, pattern, skip)
+        for name, (fwd, params, sparse) in methods.items():
+            t0 = time.time()
+            try:
+                t_f, t_fb = _time_pair(fwd, params, reps_ms)
+                err = None
+            except Exception as e:  # a baseline that does not run here is reported, not fatal
+                t_f = t_fb = math.nan
+                err = f"{type(e).__name__}: {str(e)[:200]}"
+            f = flops_fwd * (dens if sparse else 1.0)
+            row = {"method": name, "seqlen": s, "sparse": sparse, "fwd_ms": t_f, "fwdbwd_ms": t_fb,
+                   "fwd_tflops": f / t_f / 1e9 if t_f == t_f else None,
+                   "fwdbwd_tflops": 3.5 * f / t_fb / 1e9 if t_fb == t_fb else None,
+                   "density": dens if sparse else 1.0, "error": err, "wall_s": time.time() - t0}
+            results.append(row)
+            print(f"{s:>7} {name:<11} fwd {t_f:9.2f} ms {row['fwd_tflops'] or 0:6.0f} TF/s   "
+                  f"fwd+bwd {t_fb:9.2f} ms {row['fwdbwd_tflops'] or 0:6.0f} TF/s" + (f"  {err}" if err else ""),
+                  flush=True)
+        del methods
+        torch.cuda.empty_cache()
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from ...kernels.s2 import S2Pattern
+
+    ap = argparse.ArgumentParser(prog="longreach bench kernels", description=__doc__)
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--reps-ms", type=int, default=200, help="timed milliseconds per measurement (median)")
+    ap.add_argument("--skip", nargs="*", default=[], help="methods to skip (e.g. flex sdpa_flash)")
+    ap.add_argument("--check", action="store_true", help="first compare the kernels with an fp32 reference")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--sink", type=int, default=128)
+    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--json", default="bench_kernels.json", help="output JSON path")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("longreach bench kernels needs a CUDA GPU (none found)")
+    pattern = S2Pattern(a.block, a.window, a.sink, a.stride)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+              "config": vars(a), "pattern": dataclasses.asdict(pattern)}
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if a.check:
+        report["check"] = check()
+        for r in report["check"]:
+            print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    if not a.no_bench:
+        report["results"] = run(a.seqlens, a.heads, a.kv_heads, a.head_dim, a.reps_ms, set(a.skip), pattern)
+    with open(a.json, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

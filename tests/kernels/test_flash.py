@@ -1,0 +1,113 @@
+"""Flash attention kernel (Triton; the interpreter on CPU) against an fp64 masked dense reference."""
+
+import pytest
+import torch
+
+from longreach.kernels import flash_attention, flash_attention_block, flash_attention_block_backward
+from longreach.kernels.flash import reference as ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def rand(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+def check_against_reference(q, k, v, cu, *, causal=True):
+    """Kernel (bf16) vs fp64 reference on out, lse, dq, dk, dv; error at most 2x (+ slack) that of plain bf16 torch."""
+    d = q.shape[-1]
+    packed = q.dim() == 3
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = flash_attention(q, k, v, causal=causal, cu_seqlens=cu)
+    do = torch.randn_like(out)
+    out.backward(do)
+    cu_ref = cu if cu is not None else torch.arange(0, q.shape[0] * q.shape[1] + 1, q.shape[1], dtype=torch.int32)
+    flat = lambda x: x.reshape(-1, x.shape[-2], d)  # noqa: E731
+    q64, k64, v64 = (flat(x).detach().double().requires_grad_() for x in (q, k, v))
+    o64, l64 = ref.attention_reference(q64, k64, v64, cu_ref, cu_ref, causal=causal, scale=d ** -0.5)
+    o64.backward(flat(do).double())
+    qb, kb, vb = (flat(x).detach().requires_grad_() for x in (q, k, v))  # plain torch in bf16
+    ob, _ = ref.attention_reference(qb, kb, vb, cu_ref, cu_ref, causal=causal, scale=d ** -0.5)
+    ob.backward(flat(do))
+    lse_flat = lse if packed else lse.transpose(0, 1).reshape(lse.shape[1], -1)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert rel(lse_flat, l64) < 1e-4, "lse"
+    for name, mine, base, truth in (("out", out, ob, o64), ("dq", q.grad, qb.grad, q64.grad),
+                                    ("dk", k.grad, kb.grad, k64.grad), ("dv", v.grad, vb.grad, v64.grad)):
+        err, err_torch = rel(flat(mine), truth), rel(base, truth)
+        assert err <= 2 * err_torch + 1e-3, f"{name}: kernel error {err:.2e} vs torch bf16 {err_torch:.2e}"
+
+
+@pytest.mark.parametrize("b,s,hq,hkv", [(2, 77, 4, 2), (1, 130, 2, 2)])
+def test_flash_matches_reference_batched(b, s, hq, hkv):
+    torch.manual_seed(b * 1000 + s)
+    check_against_reference(rand(b, s, hq, 64), rand(b, s, hkv, 64), rand(b, s, hkv, 64), None)
+
+
+def test_flash_packed_documents_gqa():
+    torch.manual_seed(1)
+    cu = torch.tensor([0, 50, 51, 140, 190], dtype=torch.int32)
+    check_against_reference(rand(190, 4, 64), rand(190, 1, 64), rand(190, 1, 64), cu)
+
+
+def test_flash_non_causal():
+    torch.manual_seed(2)
+    check_against_reference(rand(1, 70, 2, 64), rand(1, 70, 2, 64), rand(1, 70, 2, 64), None, causal=False)
+
+
+def test_partitioned_lse_merge_and_block_backward():
+    """Two ring steps (diagonal 'causal' + earlier chunk 'full', with documents crossing the split) merged in
+    fp32 equal the whole; their block backwards sum to the whole's gradients."""
+    torch.manual_seed(3)
+    s, h, d = 96, 48, 64
+    cu = torch.tensor([0, 30, 70, 96], dtype=torch.int32)
+    q, k, v = rand(s, 2, d), rand(s, 1, d), rand(s, 1, d)
+    # clamp the global document boundaries to each chunk: doc i of q pairs with doc i of k
+    cu_hi = (cu - h).clamp(0, s - h)
+    cu_lo = cu.clamp(0, h)
+    o1, l1 = flash_attention_block(q[h:], k[h:], v[h:], mask="causal", cu_seqlens_q=cu_hi, cu_seqlens_k=cu_hi)
+    o2, l2 = flash_attention_block(q[h:], k[:h], v[:h], mask="full", cu_seqlens_q=cu_hi, cu_seqlens_k=cu_lo)
+    assert o1.dtype == torch.float32 and l1.dtype == torch.float32
+    lse = torch.logaddexp(l1, l2)  # [H, T]; -inf for rows without earlier keys is neutral
+    w1, w2 = torch.exp(l1 - lse).T[..., None], torch.exp(l2 - lse).T[..., None]
+    out = o1 * w1 + o2 * w2
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    o64, l64 = ref.attention_reference(q64, k64, v64, cu, cu, causal=True, scale=d ** -0.5)
+    assert rel(lse, l64[:, h:]) < 1e-5
+    assert rel(out, o64[h:]) < 1e-3
+    do = torch.randn(s - h, 2, d)
+    (o64[h:] * do.double()).sum().backward()
+    g1 = flash_attention_block_backward(do, q[h:], k[h:], v[h:], out, lse, mask="causal", cu_seqlens_q=cu_hi,
+                                        cu_seqlens_k=cu_hi)
+    g2 = flash_attention_block_backward(do, q[h:], k[:h], v[:h], out, lse, mask="full", cu_seqlens_q=cu_hi,
+                                        cu_seqlens_k=cu_lo)
+    assert all(g.dtype == torch.float32 for g in g1 + g2)
+    assert rel(g1[0] + g2[0], q64.grad[h:]) < 1e-3
+    assert rel(torch.cat([g2[1], g1[1]]), k64.grad) < 1e-3
+    assert rel(torch.cat([g2[2], g1[2]]), v64.grad) < 1e-3
+
+
+def test_reference_fallback_matches_kernel(monkeypatch):
+    """Without the interpreter, CPU calls fall back to the reference; same function as the kernel."""
+    torch.manual_seed(4)
+    q, k, v = (rand(1, 40, h, 64, dtype=torch.float32) for h in (2, 1, 1))
+    o_kernel, l_kernel = flash_attention(q, k, v)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    o_ref, l_ref = flash_attention(q.cpu(), k.cpu(), v.cpu())
+    tol = 1e-5 if DEV == "cpu" else 3e-3  # tf32 dots on GPU
+    assert rel(o_kernel.cpu(), o_ref) < tol and rel(l_kernel.cpu(), l_ref) < tol
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        flash_attention(rand(1, 8, 3, 64), rand(1, 8, 2, 64), rand(1, 8, 2, 64))
+    with pytest.raises(ValueError, match="head dim 48"):
+        flash_attention(rand(1, 8, 2, 48), rand(1, 8, 2, 48), rand(1, 8, 2, 48))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        flash_attention(rand(8, 2, 64), rand(8, 2, 64), rand(8, 2, 64))
+    with pytest.raises(ValueError, match="mask="):
+        flash_attention_block(rand(1, 8, 2, 64), rand(1, 8, 2, 64), rand(1, 8, 2, 64), mask="diag")

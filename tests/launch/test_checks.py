@@ -1,0 +1,28 @@
+"""Pre-flight checks that need the model or the world size."""
+
+import pytest
+
+from longreach.launch.checks import check_lengths, check_world
+from longreach.launch.config import ConfigError, load_config
+
+
+def test_seq_len_beyond_context_names_field_and_fix():
+    cfg = load_config(None, ["data.seq_len=16384"])
+    with pytest.raises(ConfigError) as e:
+        check_lengths(cfg, 8192)
+    msg = str(e.value)
+    assert "data.seq_len=16384" in msg and "model.rope_scaling" in msg
+
+
+def test_eval_lengths_beyond_context():
+    cfg = load_config(None, ["data.seq_len=1024", "eval.passkey_lengths=[1024,9000]"])
+    with pytest.raises(ConfigError, match=r"eval.passkey_lengths has lengths \[9000\]"):
+        check_lengths(cfg, 8192)
+    check_lengths(load_config(None, ["data.seq_len=8192"]), 8192)  # exactly the context is fine
+
+
+def test_world_not_divisible_by_cp():
+    cfg = load_config(None, ["parallel.cp=4"])
+    with pytest.raises(ConfigError, match="parallel.cp=4 does not divide the world size 6"):
+        check_world(cfg, 6)
+    check_world(cfg, 8)

@@ -43,7 +43,7 @@ class LinearCache:
     """Generation cache of one layer: the linear state over tokens older than the window, and the window."""
 
     state: torch.Tensor
-    """sum phi(k_j) v_j^T over tokens that left the window, fp32 [B, Hkv, F, V]."""
+    """sum phi(k_j) v_j^T over tokens that left the window, fp32 (fp64 for fp64 inputs) [B, Hkv, F, V]."""
     z: torch.Tensor
     """sum phi(k_j) over the same tokens, fp32 [B, Hkv, F]."""
     k_win: torch.Tensor
@@ -128,7 +128,7 @@ class LinearAttention(nn.Module):
         p = hybrid_parts(q, k, v, fq, fk, window=self.window, scale=scale, output_final_state=True)
         out = (p.num / (p.den[..., None] + self.eps)).to(q.dtype)
         w = self.window
-        cache = LinearCache(p.state.float(), p.z.float(), k[:, k.shape[1] - w:] if w else k[:, :0],
+        cache = LinearCache(p.state, p.z, k[:, k.shape[1] - w:] if w else k[:, :0],
                             v[:, v.shape[1] - w:] if w else v[:, :0])
         return out, cache
 
@@ -139,27 +139,28 @@ class LinearAttention(nn.Module):
         scale = self._scale(ctx, q.shape[-1])
         b, _, hq, d = q.shape
         hkv = k.shape[2]
+        cd = cache.state.dtype  # fp32 (fp64 for fp64 inputs), as the prefill left it
         k_all = torch.cat([cache.k_win, k], dim=1)
         v_all = torch.cat([cache.v_win, v], dim=1)
         state, z = cache.state, cache.z
         if self.window and k_all.shape[1] > self.window:
             # the oldest key leaves the window: fold it into the linear state
-            fk_old = self.feature_map_k(k_all[:, :1]).float()[:, 0]  # [B, Hkv, F]
+            fk_old = self.feature_map_k(k_all[:, :1]).to(cd)[:, 0]  # [B, Hkv, F]
             state, z, _, _ = recurrent_step(fk_old.new_zeros(b, hkv, 1, fk_old.shape[-1]), fk_old,
-                                            v_all[:, 0].float(), state, z)
+                                            v_all[:, 0].to(cd), state, z)
             k_all, v_all = k_all[:, 1:], v_all[:, 1:]
-        fq = self.feature_map_q(q).float()[:, 0].view(b, hkv, hq // hkv, -1)  # [B, Hkv, G, F]
+        fq = self.feature_map_q(q).to(cd)[:, 0].view(b, hkv, hq // hkv, -1)  # [B, Hkv, G, F]
         if self.window:
             num_l = torch.einsum("bhgf,bhfv->bhgv", fq, state)
             den_l = torch.einsum("bhgf,bhf->bhg", fq, z)
-            qg = q.float()[:, 0].view(b, hkv, hq // hkv, d)
-            sc = torch.einsum("bhgd,bwhd->bhgw", qg, k_all.float()) * scale
+            qg = q.to(cd)[:, 0].view(b, hkv, hq // hkv, d)
+            sc = torch.einsum("bhgd,bwhd->bhgw", qg, k_all.to(cd)) * scale
             pr = torch.exp(sc - sc.amax(-1, keepdim=True))
-            num = num_l + torch.einsum("bhgw,bwhd->bhgd", pr, v_all.float())
+            num = num_l + torch.einsum("bhgw,bwhd->bhgd", pr, v_all.to(cd))
             den = den_l + pr.sum(-1)
         else:
-            fk1 = self.feature_map_k(k).float()[:, 0]
-            state, z, num, den = recurrent_step(fq, fk1, v[:, 0].float(), state, z)
+            fk1 = self.feature_map_k(k).to(cd)[:, 0]
+            state, z, num, den = recurrent_step(fq, fk1, v[:, 0].to(cd), state, z)
             k_all, v_all = k_all[:, :0], v_all[:, :0]
         out = (num / (den[..., None] + self.eps)).reshape(b, 1, hq, -1).to(q.dtype)
         return out, LinearCache(state, z, k_all, v_all)

@@ -30,7 +30,7 @@ def kjv_books() -> list[str]:
     Each book is its long title, a blank line, then one verse (or compound passage) per line with its
     ``chapter:verse`` reference as printed, and a blank line between chapters. Books are the documents
     (not chapters) because long-context training and evaluation want long documents: the median book
-    is ~40 KB, the longest (Psalms) ~240 KB.
+    is ~32 KB, the longest (Psalms) ~240 KB.
     """
     # Read the sqlite file directly: the package's KJV class fetches one verse per query (24k queries).
     con = sqlite3.connect(f"file:{_kjv_db_path()}?mode=ro", uri=True)
@@ -66,12 +66,14 @@ def load_documents(source: str) -> list[str]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix != ".txt":
-            raise ValueError(f"data.source={source!r} is a file but not a .txt file; use 'kjv', a .txt file or a folder of .txt files")
+            raise ValueError(f"data.source={source!r} is a file but not a .txt file; "
+                             "use 'kjv', a .txt file or a folder of .txt files")
         files = [path]
     elif path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
-            raise ValueError(f"data.source={source!r} is a folder with no .txt files; put .txt files in it or use 'kjv'")
+            raise ValueError(f"data.source={source!r} is a folder with no .txt files; "
+                             "put .txt files in it or use 'kjv'")
     else:
         raise FileNotFoundError(
             f"data.source={source!r} does not exist; use 'kjv' (the embedded King James Bible), "
@@ -88,10 +90,11 @@ def load_documents(source: str) -> list[str]:
 def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split whole documents into (train, heldout), deterministic in ``seed``, disjoint, neither empty.
 
-    ``heldout_fraction`` is the share of the *text* (by characters) held out, taken as whole documents
-    from a seeded shuffle (each document is held out if it still fits under the target; the first one always is): with few documents of very different sizes (the 66 Bible books range from 3 KB
-    to 240 KB) a share of the document count would give a held-out set of wildly varying size. Documents
-    keep their original order inside each split.
+    ``heldout_fraction`` is the share of the *text* (by characters) held out, taken as whole documents from a
+    seeded shuffle (a document is held out if it still fits under the target; the first one always is). With
+    few documents of very different sizes (the 66 Bible books range from 1.6 KB to 240 KB) a share of the
+    document count would give a held-out set of wildly varying size. Documents keep their original order
+    inside each split.
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction={heldout_fraction} must be between 0 and 1 (exclusive)")

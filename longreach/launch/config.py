@@ -67,7 +67,7 @@ class DataConfig:
     batch_size: int = 1
     """Packed sequences per micro-batch per data-parallel rank."""
     heldout_fraction: float = 0.05
-    """Share of documents kept out of training for evaluation."""
+    """Share of the text (by characters, taken as whole documents) kept out of training for evaluation."""
     pack_documents: bool = True
     """Pack several documents into a sequence (positions restart, attention does not cross documents); false = one contiguous stream."""
     max_train_tokens: int = 0

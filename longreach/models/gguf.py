@@ -7,6 +7,7 @@ tokenizer is built by transformers' GGUF tokenizer conversion and saved next to 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -177,12 +178,20 @@ def convert_cached(path: str | Path, cache_dir: Optional[Path] = None,
     if (out / "config.json").is_file():
         log.info("GGUF %s: using cached conversion %s", path.name, out)
         return out
-    log.info("GGUF %s: dequantising (first load; cached afterwards in %s)", path.name, out)
-    import gguf
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one converter at a time: ranks of one run (or parallel runs) sharing a cache wait instead of each
+    # spending the dequantisation; the lock is released when the file closes, even if the holder dies
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").is_file():
+            log.info("GGUF %s: converted by another process into %s", path.name, out)
+            return out
+        log.info("GGUF %s: dequantising (first load; cached afterwards in %s)", path.name, out)
+        import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    sd, args = _read(reader, path, check)
-    tok = gguf_tokenizer(path, reader)
-    save_state_dict_dir(sd, args, tok, out, exist_ok=True)
+        reader = gguf.GGUFReader(str(path))
+        sd, args = _read(reader, path, check)
+        tok = gguf_tokenizer(path, reader)
+        save_state_dict_dir(sd, args, tok, out, exist_ok=True)
     log.info("GGUF %s converted in %.1f s", path.name, time.perf_counter() - t0)
     return out

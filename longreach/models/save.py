@@ -78,7 +78,12 @@ def _atomic_dir(out_dir: Path, write, exist_ok: bool = False) -> Path:
             os.rename(tmp, out_dir)
             shutil.rmtree(old)
         else:
-            os.rename(tmp, out_dir)
+            try:
+                os.rename(tmp, out_dir)
+            except OSError:
+                if not (exist_ok and out_dir.exists()):  # lost a race to a concurrent writer: keep theirs
+                    raise
+                shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

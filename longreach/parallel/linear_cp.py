@@ -97,30 +97,40 @@ def hybrid_attention_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: t
     qs, ks, vs, fqs, fks = map(split, (q, k, v, fq, fk))
 
     tails = None
+    anchor = None
     if window > 0:
-        # the last min(W, L) tokens of every chunk, gathered once: [num_chunks (slot order), B, tail, H, .]
+        # the last min(W, L) tokens of every chunk (k | v | phi(k) side by side), one all-gather:
+        # [num_chunks (slot order), B, tail, Hkv, D + V + F]
         tl_len = min(window, length)
-        tail = lambda xs: torch.stack([x[:, length - tl_len:] for x in xs])  # noqa: E731
-        tails = [all_gather_autograd(tail(xs), group=group).flatten(0, 1) for xs in (ks, vs, fks)]
+        dims = [k.shape[3], v.shape[3], fk.shape[3]]
+        tail = torch.stack([torch.cat([x[:, length - tl_len:].to(q.dtype) for x in xs], dim=-1)
+                            for xs in zip(ks, vs, fks)])
+        gathered = all_gather_autograd(tail, group=group).flatten(0, 1)
+        tails = list(gathered.split(dims, dim=-1))
+        # every rank must run this gather's backward (an all-reduce) even where no local chunk reads a tail
+        # (the rank holding only chunk 0): a zero-valued dependency keeps the collectives paired
+        anchor = gathered.sum() * 0.0
 
     def prefix(c: int, which: int) -> Optional[torch.Tensor]:
         # the W tokens before global chunk c, from the tails of chunks c-1, c-2, ... (fewer at the start)
         if tails is None or c == 0:
             return None
         need = -(-window // tails[which].shape[2])
-        parts = [tails[which][slot_of[j]] for j in range(max(0, c - need), c)]
-        return torch.cat(parts, dim=1)[:, -window:]
+        parts_ = [tails[which][slot_of[j]] for j in range(max(0, c - need), c)]
+        return torch.cat(parts_, dim=1)[:, -window:]
 
     parts = []
     for j, c in enumerate(chunk_ids):
         parts.append(hybrid_parts(qs[j], ks[j], vs[j], fqs[j], fks[j], window=window, scale=scale,
                                   prefix_k=prefix(c, 0), prefix_v=prefix(c, 1), prefix_fk=prefix(c, 2),
                                   output_final_state=True))
-    # per-chunk state contributions in global order: [num_chunks, B, Hkv, F, V] and [num_chunks, B, Hkv, F]
-    ds = all_gather_autograd(torch.stack([p.state for p in parts]), group=group).flatten(0, 1)
-    dz = all_gather_autograd(torch.stack([p.z for p in parts]), group=group).flatten(0, 1)
+    # per-chunk state contributions, [S | z] side by side in one all-gather (one collective, so the backward's
+    # all-reduces pair up in the same order on every rank): [num_chunks, B, Hkv, F, V + 1], then global order
+    st = torch.stack([torch.cat([p.state, p.z[..., None]], dim=-1) for p in parts])
+    sz = all_gather_autograd(st, group=group).flatten(0, 1)
     perm = torch.tensor([slot_of[c] for c in range(num_chunks)], device=q.device)
-    ds, dz = ds[perm], dz[perm]
+    sz = sz[perm]
+    ds, dz = sz[..., :-1], sz[..., -1]
     s_in = torch.cumsum(ds, 0) - ds  # exclusive prefix: state entering each chunk
     z_in = torch.cumsum(dz, 0) - dz
     hkv = k.shape[2]
@@ -131,5 +141,8 @@ def hybrid_attention_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: t
         fqg = fqs[j].to(p.num.dtype).view(b, l, hkv, hq // hkv, f)
         num = p.num + torch.einsum("blhgf,bhfv->blhgv", fqg, s_in[c].to(p.num.dtype)).reshape(b, l, hq, -1)
         den = p.den + torch.einsum("blhgf,bhf->blhg", fqg, z_in[c].to(p.num.dtype)).reshape(b, l, hq)
-        outs.append((num / (den[..., None] + eps)).to(q.dtype))
-    return torch.cat(outs, dim=1)
+        outs.append(num / (den[..., None] + eps))
+    out = torch.cat(outs, dim=1)
+    if anchor is not None:
+        out = out + anchor
+    return out.to(q.dtype)

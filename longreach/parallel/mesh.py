@@ -180,3 +180,27 @@ class DeepSpeedMPU:
 
     def get_sequence_data_parallel_rank(self) -> int:
         return self.mesh.rank
+
+
+def validate_parallel(*, cp: int, ulysses: int, strategy: str, world_size: int, num_heads: int, num_kv_heads: int,
+                      seq_len: int) -> int:
+    """Check ``parallel.*`` against the model and the launch before the first step; returns the padded sequence
+    length (logged when it differs from ``seq_len``: the pad is masked out of the loss)."""
+    from .plan import padded_length
+    from .ulysses import check_heads
+
+    ring, uly = split_cp(cp=cp, ulysses=ulysses, strategy=strategy)
+    if world_size % cp:
+        raise ValueError(f"parallel.cp={cp} does not divide the world size {world_size}; launch a multiple of {cp} "
+                         f"ranks or set parallel.cp to a divisor of {world_size}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"the model's {num_heads} attention heads are not a multiple of its {num_kv_heads} KV heads")
+    check_heads(num_heads=num_heads, num_kv_heads=num_kv_heads, ulysses=uly)
+    if seq_len < 1:
+        raise ValueError(f"data.seq_len={seq_len} must be > 0")
+    padded = padded_length(seq_len, ring=ring, ulysses=uly)
+    if padded != seq_len:
+        log.info("data.seq_len=%d is not a multiple of 2*ring*ulysses=%d: each sequence is padded to %d tokens "
+                 "(pad masked out of the loss); use data.seq_len=%d to avoid the pad", seq_len, 2 * ring * uly, padded,
+                 padded)
+    return padded

@@ -207,12 +207,14 @@ def make_shard_fn(mesh, *, comm: Any = None, pad_id: int = 0, causal: bool = Tru
     return shard_fn
 
 
-def global_num_tokens(local_count: torch.Tensor | int, *, group: Any) -> torch.Tensor:
+def global_num_tokens(local_count: torch.Tensor | int, *, group: Any, device: Optional[torch.device] = None
+                      ) -> torch.Tensor:
     """Sum of real (label != -100) tokens over ``group`` (the mesh's ``dp_cp_group``): the one loss denominator,
-    so CP=k and CP=1 give the same loss. Returns a float64 scalar tensor on CPU."""
+    so CP=k and CP=1 give the same loss. Returns a float64 scalar on ``device`` (default: the count's device;
+    NCCL needs a CUDA tensor)."""
     import torch.distributed as dist
 
-    n = torch.as_tensor(local_count, dtype=torch.float64).detach().clone().reshape(())
+    n = torch.as_tensor(local_count, dtype=torch.float64, device=device).detach().clone().reshape(())
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(n, group=group)
     return n

@@ -59,11 +59,26 @@ def _reference(batch: Batch):
     return losses, grads
 
 
+def _check_mesh(mesh):
+    """Rank layout (dp, ring, ulysses) row-major, and the groups DeepSpeed is handed."""
+    ranks = dist.get_process_group_ranks
+    r, cp, u = mesh.rank, mesh.cp, mesh.ulysses
+    assert ranks(mesh.cp_group) == list(range(mesh.dp_rank * cp, (mesh.dp_rank + 1) * cp))
+    assert ranks(mesh.ulysses_group) == list(range(r - r % u, r - r % u + u))
+    assert ranks(mesh.ring_group) == [mesh.dp_rank * cp + i * u + mesh.ulysses_rank for i in range(mesh.ring)]
+    assert ranks(mesh.dp_group) == [d * cp + mesh.cp_rank for d in range(mesh.dp)]
+    mpu = mesh.deepspeed_mpu()
+    assert mpu.get_data_parallel_world_size() == mesh.dp and mpu.get_sequence_parallel_world_size() == cp
+    assert ranks(mpu.get_sequence_data_parallel_group()) == list(range(mesh.world_size))
+    assert mpu.get_model_parallel_world_size() == 1
+
+
 def _worker(rank, world, outdir, configs):
     rows_per_dp, s = 2, 37
     report = {}
     for strategy, cp, uly in configs:
         mesh = build_mesh(cp=cp, ulysses=uly, strategy=strategy)
+        _check_mesh(mesh)
         batch = _global_batch(rows_per_dp * mesh.dp, s, seed=11)
         ref_losses, ref_grads = _reference(batch)
         mine = slice(mesh.dp_rank * rows_per_dp, (mesh.dp_rank + 1) * rows_per_dp)

@@ -465,13 +465,15 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dk = torch.empty((tk, hkv, d), dtype=grad_dtype or k.dtype, device=q.device)
     dv = torch.empty((tk, hkv, d), dtype=grad_dtype or v.dtype, device=q.device)
     if INTERPRET:  # see attention_forward
-        do, q, k, v = do.float(), q.float(), k.float(), v.float()
+        q, k, v = q.float(), k.float(), v.float()
     delta = torch.empty_like(lse)
     if do.stride(-1) != 1:
         do = do.contiguous()
     blk = 64
     _bwd_delta[(triton.cdiv(tq, blk), hq)](out, do, delta, tq, out.stride(0), out.stride(1), do.stride(0),
                                            do.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK=blk)
+    # the dots take dout in the operands' dtype (the ring may hand an fp32 one); delta above used it as given
+    do = do.to(q.dtype)
     dense, (spb, spw, sps, spst) = _sparse_args(sparse, q.device)
     n_docs = cu_q.numel() - 1
     kw = dict(GROUP=group, PACK=pack, CAUSAL=causal, SPARSE=sparse is not None, HEAD_DIM=d)

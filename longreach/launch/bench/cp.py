@@ -1,7 +1,7 @@
 """``longreach bench cp``: the context-parallel attention op, forward+backward, for each strategy.
 
 Run on the world size it is launched with (``torchrun --nproc_per_node N -m longreach.launch.bench.cp``, or
-``--nproc N`` to have it call torchrun itself; plain ``python`` is one rank). Causal attention over a global
+``--ranks N`` to have it call torchrun itself; plain ``python`` is one rank). Causal attention over a global
 sequence of ``tokens_per_rank * world`` tokens, batch ``--batch``.
 
 Reported per strategy (table on rank 0 + JSON):
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses", type=int, default=0, help="Ulysses degree of the hybrid strategy (0: 2 when it splits)")
     p.add_argument("--no-peers", action="store_true", help="skip torch native CP and yunchang")
     p.add_argument("--out", default="", help="JSON output path (default bench/results/cp_<world>ranks_<device>.json)")
-    p.add_argument("--nproc", type=int, default=0, help="launch this many ranks with torchrun (when not already under it)")
+    p.add_argument("--ranks", type=int, default=0, help="launch this many ranks with torchrun (when not already under it)")
     return p
 
 
@@ -331,8 +331,8 @@ def _init_dist() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     a = _parser().parse_args(argv)
-    if a.nproc > 1 and "RANK" not in os.environ:  # re-launch ourselves under torchrun (children see RANK)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+    if a.ranks > 1 and "RANK" not in os.environ:  # re-launch ourselves under torchrun (children see RANK)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.ranks}",
                "-m", "longreach.launch.bench.cp"] + list(argv if argv is not None else sys.argv[1:])
         return subprocess.call(cmd)
     logging.basicConfig(level=logging.WARNING)

@@ -140,6 +140,7 @@ def check(device: str = "cuda") -> list[dict]:
                "torch_bf16_out": rel(bo, ref_o), "torch_bf16_dq": rel(qb.grad, qs.grad),
                "torch_bf16_dk": rel(kb.grad, ks.grad), "torch_bf16_dv": rel(vb.grad, vs.grad)}
         rows.append(row)
+        print({k_: (round(v_, 5) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
     # block API: a 2-chunk ring by hand (diagonal + full step merged in fp32) equals the whole
     s, hq, hkv, d = 1024, 8, 2, 128
     q, k, v = _inputs(s, hq, hkv, d, device)
@@ -220,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pass
     if a.check:
         report["check"] = check()
-        for r in report["check"]:
+        for r in report["check"][-2:]:
             print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     if not a.no_bench:
         report["results"] = run(a.seqlens, a.heads, a.kv_heads, a.head_dim, a.reps_ms, set(a.skip), pattern)

@@ -107,11 +107,15 @@ def plot_perplexity(runs: Mapping[str, dict], path: str | Path, title: str = "He
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    lengths: set[int] = set()
     for label, result in runs.items():
         rows = sorted(result.get("perplexity", []), key=lambda r: r["length"])
         if rows:
             ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=label)
+            lengths.update(r["length"] for r in rows)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(lengths), [str(n) for n in sorted(lengths)])  # the measured lengths, not powers of 2
+    ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title)
@@ -135,7 +139,8 @@ def plot_passkey(runs: Mapping[str, dict], path: str | Path, title: str = "Passk
     labels = [lb for lb, r in runs.items() if r.get("passkey")]
     if not labels:
         raise ValueError("plot_passkey: no run has passkey results")
-    fig, axes = plt.subplots(1, len(labels), figsize=(1.0 + 3.2 * len(labels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(labels), figsize=(1.5 + 3.5 * len(labels), 3.6), squeeze=False,
+                             layout="constrained")
     im = None
     for ax, label in zip(axes[0], labels):
         rows = runs[label]["passkey"]

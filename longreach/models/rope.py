@@ -127,6 +127,10 @@ def apply_rope_scaling(args, cfg, max_position_embeddings: int = 0):
     """
     kind = cfg.type
     if kind == "none":
+        if max_position_embeddings:
+            log.info("max_position_embeddings %d -> %d (no RoPE scaling)", args.max_position_embeddings,
+                     max_position_embeddings)
+            return dataclasses.replace(args, max_position_embeddings=int(max_position_embeddings))
         return args
     if kind == "dynamic":
         inv_freq_and_scaling(dataclasses.replace(args, rope_scaling={"rope_type": "dynamic", "factor": cfg.factor}))

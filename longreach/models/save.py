@@ -4,13 +4,13 @@ everything goes to a temporary sibling directory that is renamed into place."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -98,8 +98,7 @@ def save_state_dict_dir(state_dict: dict[str, torch.Tensor], args: ModelArgs, to
         sd.pop("lm_head.weight", None)  # HF ties it back to embed_tokens on load; writing it twice is refused
     dtypes = {str(v.dtype).replace("torch.", "") for k, v in sd.items() if v.is_floating_point() and ".impl." not in k}
     if len(dtypes) == 1:
-        from dataclasses import replace
-        args = replace(args, torch_dtype=dtypes.pop())
+        args = dataclasses.replace(args, torch_dtype=dtypes.pop())
     cfg = hf_config_dict(args)
 
     def write(tmp: Path):

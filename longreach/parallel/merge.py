@@ -1,9 +1,10 @@
 """The one (out, lse) merge: combine softmax attention over disjoint key sets, in fp32 (or fp64).
 
 For two partial results over key sets A and B, lse = log(e^lse_A + e^lse_B) and
-out = e^(lse_A - lse) out_A + e^(lse_B - lse) out_B. Written with sigmoid-free exponent differences against the
-merged lse, so no term exceeds 1 and the error does not grow with the number of merged blocks
-(see ring-flash-attention's ``update_out_and_lse`` and the flash-attention 2 paper, sec. 3.1).
+out = e^(lse_A - lse) out_A + e^(lse_B - lse) out_B. Both weights are exponents of differences against the merged
+lse (logaddexp), so neither exceeds 1 and nothing overflows when one block dominates; the accumulators stay in
+fp32/fp64 so rounding does not compound with the number of merged blocks (ring size). Same algebra as
+ring-flash-attention's ``update_out_and_lse`` and flash-attention 2's online softmax (Dao 2023, sec. 3.1).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ Rank layout (row-major over ``(dp, ring, ulysses)``): ``rank = (dp_idx * ring + 
 Ulysses groups are the innermost, contiguous ranks, so on a multi-GPU node they share NVLink (all-to-all is
 bandwidth-hungry); the ring crosses Ulysses sub-groups; the CP group is ring x ulysses; data parallel is outermost.
 
-Who gets which group: attention uses ``ring_group`` / ``ulysses_group``; the loss token count is all-reduced over
-``dp_cp_group``; DeepSpeed gets :meth:`Mesh.deepspeed_mpu`, whose "data parallel" group is ``dp_group`` and whose
-"sequence data parallel" group (what ZeRO partitions over and all-reduces gradients over) is ``dp_cp_group``,
-because CP ranks hold the same parameters and compute partial gradients of the same loss.
+Who gets which group: attention uses ``ring_group`` / ``ulysses_group`` (through ``make_shard_fn``); the trainer
+gets ``dp_group`` and ``cp_group`` (``Trainer(dp_group=mesh.dp_group, sp_group=mesh.cp_group, shard_fn=...)``) and
+hands them to DeepSpeed as its data-parallel and sequence-parallel groups, so DeepSpeed reduces gradients and
+partitions ZeRO state over its "sequence data parallel" group, dp x cp: CP ranks hold the same parameters and
+compute partial gradients of the same loss. ``dp_cp_group`` is that group, for the global token count.
 """
 
 from __future__ import annotations
@@ -66,8 +67,6 @@ class Mesh:
     ulysses_group: Optional[dist.ProcessGroup]
     dp_cp_group: Optional[dist.ProcessGroup]
     """All ranks holding the same parameters (dp x cp): gradient reduction and the global token count."""
-    self_group: Optional[dist.ProcessGroup] = None
-    """This rank alone (DeepSpeed's model-parallel group of size 1)."""
 
     @property
     def cp(self) -> int:
@@ -76,9 +75,6 @@ class Mesh:
     @property
     def cp_rank(self) -> int:
         return self.ring_rank * self.ulysses + self.ulysses_rank
-
-    def deepspeed_mpu(self) -> "DeepSpeedMPU":
-        return DeepSpeedMPU(self)
 
 
 def build_mesh(*, cp: int, ulysses: int, strategy: str, world_size: Optional[int] = None,
@@ -114,72 +110,10 @@ def build_mesh(*, cp: int, ulysses: int, strategy: str, world_size: Optional[int
         ring_group=make(lambda r: (coords(r)[0], coords(r)[2])),
         ulysses_group=make(lambda r: coords(r)[:2]),
         dp_cp_group=make(lambda r: 0),
-        self_group=make(lambda r: r),
     )
     if rank == 0:
         log.info("mesh: world=%d dp=%d ring=%d ulysses=%d strategy=%s", world_size, dp, ring, uly, strategy)
     return mesh
-
-
-class DeepSpeedMPU:
-    """The Megatron-style ``mpu`` object ``deepspeed.initialize(mpu=...)`` reads its groups from.
-
-    DeepSpeed all-reduces gradients and partitions ZeRO state over the *sequence data parallel* group, which here
-    is dp x cp (every rank with the same parameters); its "data parallel" group is dp alone (used for the
-    data-parallel world size, i.e. how many different batches are in a step).
-    """
-
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-
-    # model parallel: none (size 1)
-    def get_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
-
-    def get_model_parallel_group(self):
-        return self.mesh.self_group
-
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.mesh.rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
-
-    # data parallel
-    def get_data_parallel_group(self):
-        return self.mesh.dp_group
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.mesh.dp
-
-    def get_data_parallel_rank(self) -> int:
-        return self.mesh.dp_rank
-
-    # sequence (context) parallel
-    def get_sequence_parallel_group(self):
-        return self.mesh.cp_group
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.mesh.cp
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.mesh.cp_rank
-
-    def get_sequence_data_parallel_group(self):
-        return self.mesh.dp_cp_group
-
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.mesh.dp * self.mesh.cp
-
-    def get_sequence_data_parallel_rank(self) -> int:
-        return self.mesh.rank
 
 
 def validate_parallel(*, cp: int, ulysses: int, strategy: str, world_size: int, num_heads: int, num_kv_heads: int,

@@ -218,3 +218,16 @@ def global_num_tokens(local_count: torch.Tensor | int, *, group: Any, device: Op
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(n, group=group)
     return n
+
+
+def rank_loss(loss_sum: torch.Tensor, local_count: torch.Tensor | int, *, group: Any, grad_divisor: int = 1
+              ) -> torch.Tensor:
+    """This rank's share of the global token-mean loss: ``loss_sum * grad_divisor / global_num_tokens``.
+
+    Summed over ``group`` (dp x cp) these shares are the mean over every real token of the global batch, for any
+    CP degree. ``grad_divisor`` undoes what the gradient reduction divides by: 1 for a plain SUM all-reduce; under
+    DeepSpeed given ``mesh.dp_group`` / ``mesh.cp_group`` as its data / sequence-parallel groups it is ``mesh.dp``
+    (DeepSpeed sums gradients over dp x cp and divides by dp x cp / sequence-parallel size = dp).
+    """
+    n = global_num_tokens(local_count, group=group, device=loss_sum.device)
+    return loss_sum * grad_divisor / n.to(loss_sum.dtype)

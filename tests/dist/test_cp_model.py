@@ -15,7 +15,7 @@ from cp_harness import spawn
 from longreach.data.batch import Batch
 from longreach.models.llama import LlamaForCausalLM, ModelArgs
 from longreach.parallel.mesh import build_mesh
-from longreach.parallel.plan import global_num_tokens, make_shard_fn
+from longreach.parallel.plan import make_shard_fn, rank_loss
 
 pytestmark = pytest.mark.dist
 
@@ -60,17 +60,14 @@ def _reference(batch: Batch):
 
 
 def _check_mesh(mesh):
-    """Rank layout (dp, ring, ulysses) row-major, and the groups DeepSpeed is handed."""
+    """Rank layout (dp, ring, ulysses) row-major; the dp and cp groups the trainer hands DeepSpeed."""
     ranks = dist.get_process_group_ranks
     r, cp, u = mesh.rank, mesh.cp, mesh.ulysses
     assert ranks(mesh.cp_group) == list(range(mesh.dp_rank * cp, (mesh.dp_rank + 1) * cp))
     assert ranks(mesh.ulysses_group) == list(range(r - r % u, r - r % u + u))
     assert ranks(mesh.ring_group) == [mesh.dp_rank * cp + i * u + mesh.ulysses_rank for i in range(mesh.ring)]
     assert ranks(mesh.dp_group) == [d * cp + mesh.cp_rank for d in range(mesh.dp)]
-    mpu = mesh.deepspeed_mpu()
-    assert mpu.get_data_parallel_world_size() == mesh.dp and mpu.get_sequence_parallel_world_size() == cp
-    assert ranks(mpu.get_sequence_data_parallel_group()) == list(range(mesh.world_size))
-    assert mpu.get_model_parallel_world_size() == 1
+    assert ranks(mesh.dp_cp_group) == list(range(mesh.world_size))
 
 
 def _worker(rank, world, outdir, configs):
@@ -91,8 +88,7 @@ def _worker(rank, world, outdir, configs):
         losses = []
         for step in range(STEPS):
             total, n = m.loss_sum(local.input_ids, local.labels, local.position_ids, ctx)
-            n_global = global_num_tokens(n, group=mesh.dp_cp_group)
-            loss = total / n_global.float()  # this rank's share of the global mean
+            loss = rank_loss(total, n, group=mesh.dp_cp_group)  # this rank's share of the global mean
             opt.zero_grad()
             loss.backward()
             for p in m.parameters():  # what DeepSpeed does over the sequence-data-parallel group (sum of shares)

@@ -135,11 +135,12 @@ def _check_model(rank: int, world: int, group) -> None:
     grads = torch.autograd.grad(loss, list(model.parameters()))
     total = loss.detach().clone()
     dist.all_reduce(total, group=group)
-    torch.testing.assert_close(total, loss1.detach(), rtol=1e-10, atol=1e-10)
+    # loss_sum takes the logits to fp32 for the cross-entropy, so model-level agreement is fp32-tight, not fp64
+    torch.testing.assert_close(total, loss1.detach(), rtol=1e-6, atol=1e-6)
     for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
         a = a.clone()
         dist.all_reduce(a, group=group)
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"grad {name} world={world} rank={rank}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"grad {name} world={world} rank={rank}")
 
 
 def _worker(rank: int, world: int, port: int, model_level: bool) -> None:

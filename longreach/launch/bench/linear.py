@@ -137,6 +137,20 @@ def main(argv: Optional[list] = None) -> int:
         with torch.no_grad():
             row["student_fwd_ms"] = _bench(student, budget)
         row["student_fwdbwd_ms"] = _bench(_fwd_bwd(student, [q, ks, vs] + list(layer.parameters()), do), budget)
+        # where the student's time goes (fwd+bwd of each piece alone), to aim the next optimisation
+        from ...kernels.linear_attention.hybrid import window_softmax_torch
+        fq, fk = (x.detach().requires_grad_() for x in (layer.feature_map_q(q), layer.feature_map_k(ks)))
+        dsum = lambda f: (lambda: f().float().sum())  # noqa: E731
+        row["part_feature_maps_fwdbwd_ms"] = _bench(
+            _fwd_bwd(dsum(lambda: layer.feature_map_q(q).float().sum() + layer.feature_map_k(ks).float().sum()),
+                     [q, ks] + list(layer.parameters()), torch.ones((), device=dev)), budget)
+        row["part_window_torch_fwdbwd_ms"] = _bench(
+            _fwd_bwd(dsum(lambda: window_softmax_torch(q, ks, vs, window=args.window, scale=scale)[0].sum()),
+                     [q, ks, vs], torch.ones((), device=dev)), budget)
+        row["part_linear_den_fwdbwd_ms"] = _bench(
+            _fwd_bwd(dsum(lambda: chunk_linear_attention(fq, fk, vs, with_den=True).o.float().sum()),
+                     [fq, fk, vs], torch.ones((), device=dev)), budget)
+        del fq, fk
         if "fla_fwdbwd_ms" in row:
             row["ours_over_fla_fwdbwd"] = row["ours_fwdbwd_ms"] / row["fla_fwdbwd_ms"]
         if "cudnn_fwdbwd_ms" in row:

@@ -3,6 +3,7 @@ deterministic train/held-out split over whole documents."""
 
 from __future__ import annotations
 
+from ..errors import ConfigError, ConfigPathError
 import importlib.util
 import logging
 import random
@@ -66,22 +67,22 @@ def load_documents(source: str) -> list[str]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix != ".txt":
-            raise ValueError(f"data.source={source!r} is a file but not a .txt file; "
+            raise ConfigError(f"data.source={source!r} is a file but not a .txt file; "
                              "use 'kjv', a .txt file or a folder of .txt files")
         files = [path]
     elif path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
-            raise ValueError(f"data.source={source!r} is a folder with no .txt files; "
+            raise ConfigError(f"data.source={source!r} is a folder with no .txt files; "
                              "put .txt files in it or use 'kjv'")
     else:
-        raise FileNotFoundError(
+        raise ConfigPathError(
             f"data.source={source!r} does not exist; use 'kjv' (the embedded King James Bible), "
             "a path to a .txt file, or a path to a folder of .txt files"
         )
     docs = [text for text in (f.read_text(encoding="utf-8") for f in files) if text.strip()]
     if not docs:
-        raise ValueError(f"data.source={source!r}: every .txt file is empty")
+        raise ConfigError(f"data.source={source!r}: every .txt file is empty")
     logger.info("data.source=%r: %d documents from %d files, %d characters", source, len(docs), len(files),
                 sum(map(len, docs)))
     return docs
@@ -97,9 +98,9 @@ def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> tupl
     inside each split.
     """
     if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"data.heldout_fraction={heldout_fraction} must be between 0 and 1 (exclusive)")
+        raise ConfigError(f"data.heldout_fraction={heldout_fraction} must be between 0 and 1 (exclusive)")
     if len(docs) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"data.source gave {len(docs)} document(s); a train/held-out split needs at least 2. "
             "Use a folder with several .txt files (each file is one document) or data.source='kjv'"
         )

@@ -15,6 +15,7 @@ positions 0..S-1 and no ``cu_seqlens``, and labels cross document boundaries (eo
 
 from __future__ import annotations
 
+from ..errors import ConfigError, ConfigPathError
 import hashlib
 import logging
 import os
@@ -57,7 +58,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def _eos_id(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; the data pipeline appends eos after every document")
+        raise ConfigError("the tokenizer has no eos_token_id; the data pipeline appends eos after every document")
     return int(eos)
 
 
@@ -141,10 +142,10 @@ def pack(docs_tokens: Sequence[torch.Tensor], seq_len: int, *, pack_documents: b
     (``data.max_train_tokens``); the truncated document's last kept token then counts as its end.
     """
     if seq_len <= 0:
-        raise ValueError(f"data.seq_len={seq_len} must be > 0")
+        raise ConfigError(f"data.seq_len={seq_len} must be > 0")
     docs = [d for d in docs_tokens if d.numel() > 0]
     if not docs:
-        raise ValueError("no tokens to pack: every document is empty (check data.source)")
+        raise ConfigError("no tokens to pack: every document is empty (check data.source)")
     stream = torch.cat(docs).long()  # [T]
     doc_end = torch.zeros(stream.numel(), dtype=torch.bool)
     doc_end[torch.cumsum(torch.tensor([d.numel() for d in docs]), 0) - 1] = True

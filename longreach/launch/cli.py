@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, load_config
+from ..errors import ConfigError
+from .config import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
@@ -90,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if ns.command == "bench":
             return _cmd_bench(rest)
         return _cmd_run(ns.command, rest)
-    except ConfigError as e:
+    except ConfigError as e:  # user input: one line naming the field and the fix, no traceback
         print(f"longreach: config error: {e}", file=sys.stderr)
         return 2
 

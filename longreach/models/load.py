@@ -7,6 +7,7 @@ type) runs before any tensor is read.
 
 from __future__ import annotations
 
+from ..errors import ConfigError, ConfigPathError
 import dataclasses
 import json
 import logging
@@ -36,7 +37,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     raises for combinations the device cannot run."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available; use device='cpu'")
+        raise ConfigError(f"device={str(device)!r} but CUDA is not available; use device='cpu'")
     if isinstance(dtype, str):
         if dtype == "auto":
             dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -44,13 +45,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
         elif dtype in ("float32", "bfloat16", "float16"):
             dtype = getattr(torch, dtype)
         else:
-            raise ValueError(f"model.dtype={dtype!r} is not one of auto, float32, bfloat16")
+            raise ConfigError(f"model.dtype={dtype!r} is not one of auto, float32, bfloat16")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"model.dtype={dtype} is not supported; use float32 or bfloat16")
+        raise ConfigError(f"model.dtype={dtype} is not supported; use float32 or bfloat16")
     if dev.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"model.dtype=bfloat16 is not supported by {torch.cuda.get_device_name(dev)}; use float32")
+        raise ConfigError(f"model.dtype=bfloat16 is not supported by {torch.cuda.get_device_name(dev)}; use float32")
     if dev.type == "cpu" and dtype == torch.float16:
-        raise ValueError("model.dtype=float16 is not supported on CPU (and DeepSpeed refuses fp16 there); use float32")
+        raise ConfigError("model.dtype=float16 is not supported on CPU (and DeepSpeed refuses fp16 there); use float32")
     if dev.type == "cpu" and dtype == torch.bfloat16:
         log.warning("model.dtype=bfloat16 on CPU works but is 5-10x slower than float32 on most CPUs")
     return dtype
@@ -62,15 +63,15 @@ def resolve_path(path: str) -> tuple[str, Path]:
         return "gguf", gguf_io.embedded_path(path)
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model.path={path!r} does not exist; model.path accepts {_ACCEPTED}")
+        raise ConfigPathError(f"model.path={path!r} does not exist; model.path accepts {_ACCEPTED}")
     if p.is_file():
         if p.suffix != ".gguf":
-            raise ValueError(f"model.path={path!r} is a file but not a .gguf; model.path accepts {_ACCEPTED}")
+            raise ConfigError(f"model.path={path!r} is a file but not a .gguf; model.path accepts {_ACCEPTED}")
         return "gguf", p
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={path!r} is a directory without config.json; model.path accepts {_ACCEPTED}")
+        raise ConfigPathError(f"model.path={path!r} is a directory without config.json; model.path accepts {_ACCEPTED}")
     if not _weight_files(p):
-        raise FileNotFoundError(f"model.path={path!r} has config.json but no *.safetensors weights "
+        raise ConfigPathError(f"model.path={path!r} has config.json but no *.safetensors weights "
                                 "(.bin checkpoints are not read; re-save them with safetensors)")
     return "hf", p
 
@@ -87,16 +88,16 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
     """``ModelArgs`` from an HF config.json dict (transformers 4 or 5 RoPE format)."""
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{where}: model_type={mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ConfigError(f"{where}: model_type={mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
+        raise ConfigError(f"{where}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
     if mt == "llama" and cfg.get("attention_bias"):
-        raise ValueError(f"{where}: llama attention_bias=true (biases on q/k/v/o) is not supported")
+        raise ConfigError(f"{where}: llama attention_bias=true (biases on q/k/v/o) is not supported")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = float(rp.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
     if rp.pop("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
+        raise ConfigError(f"{where}: partial_rotary_factor != 1 is not supported")
     kind = rp.pop("rope_type", None) or rp.pop("type", None) or "default"
     rp.pop("type", None)
     max_pos = int(cfg.get("max_position_embeddings", 2048))
@@ -124,7 +125,7 @@ def _check_args(args: ModelArgs, model_cfg, max_seq_len: Optional[int]) -> tuple
     n = args.num_hidden_layers
     if model_cfg.num_layers:
         if model_cfg.num_layers > n:
-            raise ValueError(f"model.num_layers={model_cfg.num_layers} exceeds the model's {n} layers; use 0 (all) or <= {n}")
+            raise ConfigError(f"model.num_layers={model_cfg.num_layers} exceeds the model's {n} layers; use 0 (all) or <= {n}")
         if model_cfg.num_layers < n:
             log.info("model.num_layers=%d: keeping the first %d of %d decoder layers", model_cfg.num_layers,
                      model_cfg.num_layers, n)
@@ -134,12 +135,12 @@ def _check_args(args: ModelArgs, model_cfg, max_seq_len: Optional[int]) -> tuple
     try:
         inv_freq_and_scaling(args)  # the checkpoint's own RoPE (e.g. refuses 'dynamic' with the reason)
     except ValueError as e:
-        raise ValueError(f"model.path={model_cfg.path!r}: {e}") from None
+        raise ConfigError(f"model.path={model_cfg.path!r}: {e}") from None
     args = apply_rope_scaling(args, model_cfg.rope_scaling, model_cfg.max_position_embeddings)
     if args.sliding_window is not None:
         w = args.sliding_window
         if max_seq_len is not None and max_seq_len > w:
-            raise ValueError(f"model.path={model_cfg.path!r} uses sliding_window={w} but sequences are {max_seq_len} "
+            raise ConfigError(f"model.path={model_cfg.path!r} uses sliding_window={w} but sequences are {max_seq_len} "
                              f"tokens; longreach attention is full causal, so use data.seq_len <= {w}")
         log.warning("model.path=%r has sliding_window=%d; longreach attention ignores it (full causal), which is "
                     "identical only for sequences <= %d tokens", model_cfg.path, w, w)

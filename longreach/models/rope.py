@@ -12,6 +12,7 @@ an explicit ``seq_len`` (for evaluation code and tests) but refuses to build a m
 
 from __future__ import annotations
 
+from ..errors import ConfigError, ConfigPathError
 import dataclasses
 import logging
 import math
@@ -48,13 +49,13 @@ def inv_freq_and_scaling(args, seq_len: Optional[int] = None) -> tuple[torch.Ten
     if kind == "default":
         return _base_inv_freq(base, dim), 1.0
     if kind not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        raise ConfigError(f"rope_scaling rope_type={kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     factor = float(rs["factor"])
     if kind == "linear":
         return _base_inv_freq(base, dim) / factor, 1.0
     if kind == "dynamic":
         if seq_len is None:
-            raise ValueError(
+            raise ConfigError(
                 "rope_scaling rope_type='dynamic' recomputes RoPE from the run-time sequence length "
                 "(max(position_ids)+1), which differs across packed documents and context-parallel shards; "
                 "longreach does not build models with it. Use model.rope_scaling.type=ntk (static NTK, folded "
@@ -135,9 +136,9 @@ def apply_rope_scaling(args, cfg, max_position_embeddings: int = 0):
     if kind == "dynamic":
         inv_freq_and_scaling(dataclasses.replace(args, rope_scaling={"rope_type": "dynamic", "factor": cfg.factor}))
     if kind not in ("linear", "ntk", "yarn", "llama3"):
-        raise ValueError(f"model.rope_scaling.type={kind!r} is not one of none, linear, ntk, yarn, llama3")
+        raise ConfigError(f"model.rope_scaling.type={kind!r} is not one of none, linear, ntk, yarn, llama3")
     if cfg.factor < 1.0:
-        raise ValueError(f"model.rope_scaling.factor={cfg.factor} must be >= 1 (new length / original length)")
+        raise ConfigError(f"model.rope_scaling.factor={cfg.factor} must be >= 1 (new length / original length)")
     old = dict(args.rope_scaling or {})
     orig = int(cfg.original_max_position_embeddings or old.get("original_max_position_embeddings")
                or args.max_position_embeddings)
@@ -156,7 +157,7 @@ def apply_rope_scaling(args, cfg, max_position_embeddings: int = 0):
         rs.update(original_max_position_embeddings=orig, beta_fast=float(cfg.beta_fast), beta_slow=float(cfg.beta_slow))
     elif kind == "llama3":
         if new_max <= orig:
-            raise ValueError(f"llama3 RoPE needs max_position_embeddings={new_max} > original {orig}; "
+            raise ConfigError(f"llama3 RoPE needs max_position_embeddings={new_max} > original {orig}; "
                              "raise model.rope_scaling.factor or model.max_position_embeddings")
         rs.update(original_max_position_embeddings=orig, low_freq_factor=float(cfg.low_freq_factor),
                   high_freq_factor=float(cfg.high_freq_factor))

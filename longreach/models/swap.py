@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError, ConfigPathError
 import logging
 
 from ..attention import registry
@@ -12,7 +13,7 @@ log = logging.getLogger(__name__)
 def _check_name(name: str, field: str) -> None:
     valid = registry.names()
     if name not in valid:
-        raise ValueError(f"{field}={name!r} is not a registered attention implementation; "
+        raise ConfigError(f"{field}={name!r} is not a registered attention implementation; "
                          f"valid names: {', '.join(valid)}")
 
 
@@ -25,9 +26,9 @@ def attention_plan(model_cfg, num_layers: int) -> list[str]:
         try:
             idx = int(key)
         except (TypeError, ValueError):
-            raise ValueError(f"model.attention_layers key {key!r} must be a layer index, e.g. {{'3': 's2'}}") from None
+            raise ConfigError(f"model.attention_layers key {key!r} must be a layer index, e.g. {{'3': 's2'}}") from None
         if not -num_layers <= idx < num_layers:
-            raise ValueError(f"model.attention_layers index {idx} is out of range for a model with {num_layers} "
+            raise ConfigError(f"model.attention_layers index {idx} is out of range for a model with {num_layers} "
                              f"layers (after model.num_layers truncation); use 0..{num_layers - 1}")
         _check_name(name, f"model.attention_layers[{key}]")
         plan[idx] = name
@@ -48,11 +49,11 @@ def attention_options_plan(model_cfg, plan: list[str]) -> list[dict]:
         valid = registry.names()
         for name in opts:
             if name not in valid:
-                raise ValueError(f"model.attention_options key {name!r} is not a registered attention "
+                raise ConfigError(f"model.attention_options key {name!r} is not a registered attention "
                                  f"implementation; valid names: {', '.join(valid)}")
         return [dict(opts.get(name, {})) for name in plan]
     if opts and all(name == "dense" for name in plan):
-        raise ValueError(f"model.attention_options={opts} is set but every layer uses 'dense', which takes no "
+        raise ConfigError(f"model.attention_options={opts} is set but every layer uses 'dense', which takes no "
                          "options; remove them or choose another model.attention")
     per_layer = [dict(opts) if name != "dense" else {} for name in plan]
     if opts:

@@ -361,8 +361,10 @@ def _cfg(bm, bn, w, s):
 
 FWD_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2),
                _cfg(64, 64, 4, 3)]
-DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3)]
-DKDV_CONFIGS = [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3)]
+DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3),
+              _cfg(128, 128, 8, 2)]
+DKDV_CONFIGS = [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3),
+                _cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2)]
 # the interpreter would run every config: one small tile of 16 tokens (x packed heads) instead
 INTERP_TOKENS = 32
 

@@ -162,7 +162,9 @@ def check(device: str = "cuda") -> list[dict]:
     return rows
 
 
-def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, pattern) -> list[dict]:
+def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, pattern,
+        on_row: Callable[[list], None] = lambda rows: None) -> list[dict]:
+    """Time every method at every length; ``on_row(results)`` after each row (the JSON is written as we go)."""
     results = []
     for s in seqlens:
         flops_fwd = 2.0 * s * s * hq * d  # causal: half of 4*S^2*H*D
@@ -182,6 +184,7 @@ def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, 
                    "fwdbwd_tflops": 3.5 * f / t_fb / 1e9 if t_fb == t_fb else None,
                    "density": dens if sparse else 1.0, "error": err, "wall_s": time.time() - t0}
             results.append(row)
+            on_row(results)
             print(f"{s:>7} {name:<11} fwd {t_f:9.2f} ms {row['fwd_tflops'] or 0:6.0f} TF/s   "
                   f"fwd+bwd {t_fb:9.2f} ms {row['fwdbwd_tflops'] or 0:6.0f} TF/s" + (f"  {err}" if err else ""),
                   flush=True)
@@ -223,10 +226,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["check"] = check()
         for r in report["check"][-2:]:
             print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+
+    def write(rows=None):
+        if rows is not None:
+            report["results"] = rows
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
     if not a.no_bench:
-        report["results"] = run(a.seqlens, a.heads, a.kv_heads, a.head_dim, a.reps_ms, set(a.skip), pattern)
-    with open(a.json, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+        run(a.seqlens, a.heads, a.kv_heads, a.head_dim, a.reps_ms, set(a.skip), pattern, on_row=write)
+    write()
     print(f"wrote {a.json}")
     return 0
 

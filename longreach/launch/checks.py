@@ -1,4 +1,5 @@
-"""Pre-flight checks that need the loaded model or the process world: run before the first step."""
+"""Pre-flight checks that need the loaded model: run before the first step. (``parallel.*`` against the world
+and the model is checked by :func:`longreach.parallel.setup.setup_parallel`.)"""
 
 from __future__ import annotations
 
@@ -26,11 +27,3 @@ def _factor(cfg: RunConfig) -> float:
     rs = cfg.model.rope_scaling
     return rs.factor if rs.type != "none" else 1.0
 
-
-def check_world(cfg: RunConfig, world_size: int) -> None:
-    cp = cfg.parallel.cp
-    if world_size % cp:
-        raise ConfigError(
-            f"parallel.cp={cp} does not divide the world size {world_size}; launch a multiple of {cp} processes "
-            f"(torchrun --nproc_per_node) or set parallel.cp to a divisor of {world_size}"
-        )

@@ -4,8 +4,10 @@ longreach owns the loop, the loss normalisation, the metrics and the atomic chec
 Loss normalisation: every micro-batch contributes ``sum of its token losses / N`` where N is the number of
 real (label != -100) tokens of the whole optimizer step, all-reduced over every rank of the step (data- and
 sequence-parallel) and every micro-batch of the step. The resulting gradient does not depend on how the
-tokens were split across ranks, micro-batches or sequence shards. DeepSpeed averages gradients over the
-data-parallel degree, so the backward loss is multiplied by that degree to turn its mean into our sum.
+tokens were split across ranks, micro-batches or sequence shards. DeepSpeed sums gradients over every rank
+holding the same parameters (dp x sp) and then divides by a stage-dependent count
+(:func:`deepspeed_grad_divisor`), so the backward loss is multiplied by that count to turn its mean into our
+sum: the applied gradient is the true global token-mean gradient, the same for any dp x cp split.
 
 NaN/inf (train.nan_policy): a non-finite loss is detected after each micro-batch's forward, before its
 backward (the check is a collective, so all ranks agree). ``stop`` raises naming the step. ``skip`` drops the
@@ -144,16 +146,34 @@ def select_trainable(model: nn.Module, which: str) -> int:
     return n
 
 
+def deepspeed_grad_divisor(zero_stage: int, *, dp: int, sp: int) -> int:
+    """What DeepSpeed 0.19 divides a gradient by after summing it over its sequence-data-parallel group (the
+    ``dp x sp`` ranks holding the same parameters), read from its source:
+
+    * ZeRO-0 (``engine._reduce_non_expert_gradients``) and ZeRO-1/2 (``stage_1_and_2.average_tensor`` and
+      ``gradient_reduction_w_predivide``): by ``world(sdp) / sp = dp``;
+    * ZeRO-3 with ``reduce_scatter`` (pinned on by :func:`build_ds_config`): ``stage3.__avg_scatter_grads`` ->
+      ``reduce_scatter_coalesced`` pre-divides by the partition group's size ``dp * sp`` and applies no
+      sequence-parallel correction (only its ``reduce_scatter=false`` path divides by ``dp``).
+
+    tests/dist/test_cp_trainer.py holds CP=1 and CP=k gradient norms equal under ZeRO-1 and ZeRO-3, so a change of
+    DeepSpeed's rule fails there.
+    """
+    return dp * sp if zero_stage == 3 else dp
+
+
 def check_run(cfg: RunConfig, *, dist: DistInfo, dp_size: int, sp_size: int, shard_fn_given: bool) -> None:
-    """Checks that need the devices and groups; run before any DeepSpeed work so bad input fails fast."""
+    """Checks that need the devices and groups; run before any DeepSpeed work so bad input fails fast.
+
+    ``parallel.*`` itself (cp | world, heads, strategy, seq_len) is checked by
+    :func:`longreach.parallel.setup.setup_parallel`, which builds the groups; here only that the groups given
+    match the config."""
     cp = cfg.parallel.cp
-    if dist.world % cp:
-        raise ConfigError(f"parallel.cp={cp} does not divide the world size {dist.world}; "
-                          f"launch a multiple of {cp} processes or change parallel.cp")
-    if cp > 1 and (sp_size != cp or not shard_fn_given):
+    if sp_size != cp or (cp > 1 and not shard_fn_given):
         raise ConfigError(f"parallel.cp={cp} needs a sequence-parallel group of {cp} ranks and a shard_fn "
                           f"(got a group of {sp_size}, shard_fn={'set' if shard_fn_given else 'none'}); "
-                          "build them with longreach.parallel or set parallel.cp=1")
+                          "build them with longreach.parallel.setup_parallel (world size "
+                          f"{dist.world}) or set parallel.cp to the group's size")
     if dp_size * sp_size != dist.world:
         raise ValueError(f"dp_group ({dp_size} ranks) x sp_group ({sp_size} ranks) must cover the world ({dist.world})")
     if cfg.train.offload_optimizer and dist.device.type != "cuda":
@@ -167,6 +187,8 @@ def build_ds_config(cfg: RunConfig, *, bf16: bool) -> dict:
     """DeepSpeed JSON config from ``cfg.train`` (the optimizer and scheduler are passed as objects)."""
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero["reduce_scatter"] = True  # the gradient divisor depends on this path (deepspeed_grad_divisor)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {
@@ -216,8 +238,8 @@ class Trainer:
             singles = [tdist.new_group([r]) for r in range(dist.world)]
             sp = sp_group if sp_group is not None else singles[dist.rank]
             mpu = ParallelGroups(dp_group=dp_group, sp_group=sp, model_group=singles[dist.rank], world_group=self.world_group)
-        # DeepSpeed divides the summed gradient by dp = world / sp; we undo it (see module docstring)
-        self.grad_avg_size = dp_size
+        # DeepSpeed divides the gradient summed over dp x sp; we undo it (see module docstring)
+        self.grad_avg_size = deepspeed_grad_divisor(t.zero_stage, dp=dp_size, sp=sp_size)
 
         model.gradient_checkpointing = t.activation_checkpointing
         n_train = select_trainable(model, t.trainable)

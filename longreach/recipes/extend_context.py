@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..launch.checks import check_lengths, check_world
+from ..launch.checks import check_lengths
 from ..launch.config import RunConfig
 from .evals import report
 from .evals.passkey import passkey_grid
@@ -61,7 +61,6 @@ def _setup(cfg: RunConfig):
     from ..models import load_model
 
     dist = init_distributed()
-    check_world(cfg, dist.world)
     base_cfg = _without_scaling(cfg)
     model, tok = load_model(base_cfg.model, device=dist.device, dtype=cfg.model.dtype, max_seq_len=cfg.data.seq_len)
     if tok is None:
@@ -94,9 +93,13 @@ def run(cfg: RunConfig, demo: bool = False) -> dict:
     from ..data.packing import batches
     from ..launch.trainer import Trainer
     from ..models import save_pretrained
+    from ..parallel.setup import cp_model_config, setup_parallel
 
     t_start = time.perf_counter()
+    cfg = cp_model_config(cfg)  # before the model is built: under parallel.cp>1 its layers run the CP attention
     dist, model, tok, data = _setup(cfg)
+    # parallel.* against the world and the model's heads, then the mesh: before any eval or step
+    par = setup_parallel(cfg, dist, num_heads=model.args.num_attention_heads, num_kv_heads=model.args.num_key_value_heads)
     base_args = model.args
     results: dict[str, dict] = {}
     # the base model is only scored at lengths it was made for
@@ -112,9 +115,10 @@ def run(cfg: RunConfig, demo: bool = False) -> dict:
     else:
         check_lengths(cfg, model.args.max_position_embeddings)
 
-    trainer = Trainer(cfg, model, dist=dist)
+    trainer = Trainer(cfg, model, dist=dist, **par.trainer_kwargs())
+    # every CP rank of a data-parallel replica reads the same global batch; the shard_fn cuts it
     history = trainer.train(batches(data.train, cfg.data.batch_size, seed=cfg.data.seed,
-                                    dp_rank=dist.rank, dp_world=dist.world))
+                                    dp_rank=par.dp_rank, dp_world=par.dp))
     results["trained"] = evaluate(model, tok, data.heldout_tokens, cfg, dist.device, "trained")
 
     out_model = cfg.run_dir / "model"

@@ -77,3 +77,18 @@ def test_dense_flag_is_flash_and_bad_pattern_raises():
         s2_attention(q, k, v, block=16, window=24)
     with pytest.raises(ValueError, match="sink=8"):
         s2_attention(q, k, v, block=16, window=32, sink=8)
+
+
+def test_registry_entries_flash_and_s2():
+    from longreach.attention import registry
+    from longreach.attention.context import AttnContext
+
+    torch.manual_seed(7)
+    q, k, v = rand(2, 48, 2, 64), rand(2, 48, 1, 64), rand(2, 48, 1, 64)
+    cu = torch.tensor([0, 20, 48, 96], dtype=torch.int32)
+    ctx = AttnContext(cu_seqlens=cu)
+    dense = registry.build(registry.AttnSpec("dense", 0, 2, 1, 64))(q, k, v, ctx=ctx)
+    flash = registry.build(registry.AttnSpec("flash", 0, 2, 1, 64))(q, k, v, ctx=ctx)
+    # a window covering every document makes s2 dense
+    s2 = registry.build(registry.AttnSpec("s2", 1, 2, 1, 64, {"block": 16, "window": 64, "sink": 0}))(q, k, v, ctx=ctx)
+    assert rel(flash, dense) < 2e-2 and rel(s2, dense) < 2e-2

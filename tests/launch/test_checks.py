@@ -1,8 +1,8 @@
-"""Pre-flight checks that need the model or the world size."""
+"""Pre-flight checks that need the model (parallel.* vs the world: tests/dist/test_cp_trainer.py)."""
 
 import pytest
 
-from longreach.launch.checks import check_lengths, check_world
+from longreach.launch.checks import check_lengths
 from longreach.launch.config import ConfigError, load_config
 
 
@@ -20,9 +20,3 @@ def test_eval_lengths_beyond_context():
         check_lengths(cfg, 8192)
     check_lengths(load_config(None, ["data.seq_len=8192"]), 8192)  # exactly the context is fine
 
-
-def test_world_not_divisible_by_cp():
-    cfg = load_config(None, ["parallel.cp=4"])
-    with pytest.raises(ConfigError, match="parallel.cp=4 does not divide the world size 6"):
-        check_world(cfg, 6)
-    check_world(cfg, 8)

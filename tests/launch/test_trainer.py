@@ -118,7 +118,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, dist):
 
 
 def test_bad_input_fails_before_step_one(tmp_path, dist):
-    with pytest.raises(ConfigError, match=r"parallel.cp=2 does not divide the world size 1"):
+    with pytest.raises(ConfigError, match=r"parallel.cp=2 needs a sequence-parallel group of 2 ranks"):
         Trainer(make_cfg(tmp_path, "cp", "parallel.cp=2"), runner.tiny_model(), dist=dist)
     with pytest.raises(ConfigError, match=r"train.offload_optimizer=true with train.zero_stage=3"):
         Trainer(make_cfg(tmp_path, "off", "train.zero_stage=3", "train.offload_optimizer=true"), runner.tiny_model(), dist=dist)

@@ -69,10 +69,15 @@ class ParallelGroups:
     """DeepSpeed ``mpu`` adapter for a dp x sp (context-parallel) job without tensor/pipeline parallelism.
 
     DeepSpeed 0.19 reduces gradients, and partitions ZeRO state, over the *sequence-data-parallel* group
-    (all ranks holding the same parameters, here the whole world) and averages by dp = world / sp; there is
-    no supported way to shard ZeRO over dp only and still sum the sequence-parallel ranks' partial gradients
-    (see runtime/zero/stage_1_and_2.py ``average_tensor``). ``model_group`` is this rank's singleton group,
-    used by DeepSpeed's grad-norm all-reduce across model-parallel ranks (there are none).
+    (all ranks holding the same parameters, here the whole world); there is no supported way to shard ZeRO
+    over dp only and still sum the sequence-parallel ranks' partial gradients (see
+    runtime/zero/stage_1_and_2.py ``average_tensor``). What it divides the sum by depends on the stage
+    (:func:`deepspeed_grad_divisor`). ZeRO-3 parameters are partitioned over that same group by the Trainer
+    (see ``Trainer.__init__``). ``model_group`` is this rank's singleton group, used by DeepSpeed's grad-norm
+    all-reduce across model-parallel ranks (there are none).
+
+    Context parallelism: ``longreach.parallel.setup.setup_parallel`` builds ``dp_group`` (mesh.dp_group) and
+    ``sp_group`` (mesh.cp_group) and the ``shard_fn``; ``ParallelSetup.trainer_kwargs()`` passes them here.
     """
 
     def __init__(self, *, dp_group, sp_group, model_group, world_group):
@@ -248,6 +253,15 @@ class Trainer:
         log.info("trainable parameters: %d (train.trainable=%s); precision %s; ZeRO-%d",
                  n_train, t.trainable, "bf16" if self.bf16 else "fp32", t.zero_stage)
         ds_config = build_ds_config(cfg, bf16=self.bf16)
+        if t.zero_stage == 3 and mpu is not None:
+            # DeepSpeed 0.19 partitions ZeRO-3 parameters over mpu.get_data_parallel_group() (dp only:
+            # zero/parameter_offload.py _convert_to_zero_parameters) but reduce-scatters their gradients over the
+            # sequence-data-parallel group (dp x sp: stage3.py __avg_scatter_grads); with sp > 1 the two disagree
+            # and the applied gradient is wrong. Partitioning over dp x sp first, through the public
+            # zero.Init(module=...), makes both use one group (DeepSpeed then skips its own conversion).
+            deepspeed.zero.Init(module=self.model, data_parallel_group=self.world_group, config_dict_or_path=ds_config,
+                                mpu=mpu, mem_efficient_linear=False,  # no process-wide F.linear replacement
+                                dtype=torch.bfloat16 if self.bf16 else next(self.model.parameters()).dtype)
         opt_kwargs = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=1e-8)
         if t.offload_optimizer:
             # ZeRO-offload refuses client optimizers: DeepSpeed's own AdamW becomes DeepSpeedCPUAdam

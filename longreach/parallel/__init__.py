@@ -9,4 +9,5 @@ ulysses.py   sequence<->heads all-to-all, KV head replication, head-count checks
 hybrid.py    ``cp_attention``: Ulysses inside sub-groups x ring across them (ring / Ulysses are its special cases)
 attention.py registry entries 'ring', 'ulysses', 'hybrid'
 comm_count.py ``Comm``: the counted collectives every strategy goes through
+setup.py     ``cp_model_config`` / ``setup_parallel``: parallel.* checked and turned into the trainer's groups and shard_fn
 """

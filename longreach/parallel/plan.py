@@ -225,9 +225,9 @@ def rank_loss(loss_sum: torch.Tensor, local_count: torch.Tensor | int, *, group:
     """This rank's share of the global token-mean loss: ``loss_sum * grad_divisor / global_num_tokens``.
 
     Summed over ``group`` (dp x cp) these shares are the mean over every real token of the global batch, for any
-    CP degree. ``grad_divisor`` undoes what the gradient reduction divides by: 1 for a plain SUM all-reduce; under
-    DeepSpeed given ``mesh.dp_group`` / ``mesh.cp_group`` as its data / sequence-parallel groups it is ``mesh.dp``
-    (DeepSpeed sums gradients over dp x cp and divides by dp x cp / sequence-parallel size = dp).
+    CP degree. ``grad_divisor`` undoes what the gradient reduction divides by: 1 for a plain SUM all-reduce.
+    Under DeepSpeed the divisor depends on the ZeRO stage; the Trainer computes it in one place
+    (``launch.trainer.deepspeed_grad_divisor``) and does not call this helper.
     """
     n = global_num_tokens(local_count, group=group, device=loss_sum.device)
     return loss_sum * grad_divisor / n.to(loss_sum.dtype)

@@ -3,9 +3,10 @@
 Every map takes x [B, S, H, D] with H a multiple of ``num_kv_heads`` (queries: Hq heads, keys: Hkv heads)
 and returns phi(x) [B, S, H, F] in x's dtype; learned maps compute in fp32.
 
-- ``hedgehog`` (Zhang et al. 2024, arXiv:2402.04347; LoLCATs arXiv:2410.10254): phi(x) = [softmax(x W_h),
-  softmax(-x W_h)], W_h [D, feature_dim] learned per KV head, initialised to the identity (truncated or
-  zero-padded), so F = 2 * feature_dim.
+- ``hedgehog`` (Zhang et al. 2024, arXiv:2402.04347; LoLCATs arXiv:2410.10254): phi(x) = [softmax(x W_h + b_h),
+  softmax(-(x W_h + b_h))], W_h [D, feature_dim] learned per KV head, initialised to the identity (truncated
+  or zero-padded), so F = 2 * feature_dim. On CUDA (and under TRITON_INTERPRET=1), for non-fp64 inputs, it
+  runs as one Triton kernel (``kernels/linear_attention/hedgehog.py``); fp64 and plain CPU use torch.
 - ``taylor`` (Based, Arora et al. 2024, arXiv:2402.18668): x' = x P_h (learned [D, feature_dim] per KV head,
   identity init), phi(x') = [1, x'/d^(1/4), vec(x' x'^T)/sqrt(2 d)] so phi(q).phi(k) = 1 + s + s^2/2 with
   s = q'.k'/sqrt(d): the 2nd-order Taylor expansion of exp(s). F = 1 + d + d^2 (d = feature_dim).
@@ -19,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..kernels.linear_attention import use_triton
 
 FEATURE_MAPS = ("hedgehog", "taylor", "elu")
 
@@ -52,6 +55,10 @@ class HedgehogMap(nn.Module):
         self.out_dim = 2 * feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            from ..kernels.linear_attention.hedgehog import hedgehog_feature_map
+
+            return hedgehog_feature_map(x, self.weight, self.bias)
         b, s, h, _ = x.shape
         hkv = self.weight.shape[0]
         proj = _per_kv_head(x, self.weight).view(b, s, hkv, h // hkv, -1)

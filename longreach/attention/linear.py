@@ -9,7 +9,8 @@ Options (``AttnSpec.options``, e.g. ``model.attention_options``):
 
 One rank: ``ctx.cu_seqlens`` packed documents are run one document at a time (the state resets at every
 document start). Context-parallel (``ctx.parallel`` set): state passing through ``parallel/linear_cp.py``;
-``ctx.parallel`` must carry ``group``, ``chunk_ids`` and ``num_chunks`` (``parallel.linear_cp.LinearCP``).
+``ctx.parallel`` must carry ``group``, ``chunk_ids`` and ``num_chunks`` (the shard plan's ``CPAttnInfo`` or
+``parallel.linear_cp.LinearCP``), optionally ``all_chunk_ids`` and ``doc_ids`` (packed documents).
 
 Distillation (LoLCATs stage 1, "attention transfer"): ``attention_transfer_loss(student, q, k, v, ctx=ctx)``
 runs the teacher's softmax attention (``dense``, no grad) and the student on the same q/k/v and returns
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.linear_attention import recurrent_step
-from ..kernels.linear_attention.hybrid import hybrid_parts
+from ..kernels.linear_attention.hybrid import hybrid_attention, hybrid_parts
 from .context import AttnContext
 from .feature_maps import build_feature_map
 from .registry import AttnSpec, register
@@ -101,22 +102,26 @@ class LinearAttention(nn.Module):
         return torch.cat(outs, dim=1).view(b, s, *outs[0].shape[2:])
 
     def _one(self, q, k, v, fq, fk, scale) -> torch.Tensor:
-        p = hybrid_parts(q, k, v, fq, fk, window=self.window, scale=scale)
-        return (p.num / (p.den[..., None] + self.eps)).to(q.dtype)
+        # fused window + linear kernel on GPU (normalised output written once); torch definition otherwise
+        return hybrid_attention(q, k, v, fq, fk, window=self.window, scale=scale, eps=self.eps)
 
     def _forward_cp(self, q, k, v, fq, fk, scale, ctx: AttnContext) -> torch.Tensor:
         from ..parallel.linear_cp import hybrid_attention_cp
 
         par = ctx.parallel
-        missing = [a for a in ("group", "chunk_ids", "num_chunks") if not hasattr(par, a)]
+        missing = [a for a in ("group", "chunk_ids", "num_chunks") if getattr(par, a, None) is None]
         if missing:
             raise ValueError(f"attention 'linear' under context parallelism needs ctx.parallel with {missing} "
-                             "(see longreach.parallel.linear_cp.LinearCP)")
+                             "(the shard plan's CPAttnInfo, built with group=mesh.cp_group, or "
+                             "longreach.parallel.linear_cp.LinearCP)")
         if ctx.cu_seqlens is not None:
-            raise NotImplementedError("attention 'linear' with context parallelism does not support packed documents "
-                                      "(ctx.cu_seqlens) yet; use one document per row or parallel.cp=1")
+            raise ValueError("attention 'linear' with context parallelism takes packed documents as "
+                             "ctx.parallel.doc_ids (global per-token ids, as the shard plan builds them), not "
+                             "ctx.cu_seqlens; leave ctx.cu_seqlens None under CP")
         return hybrid_attention_cp(q, k, v, fq, fk, window=self.window, scale=scale, eps=self.eps, group=par.group,
-                                   chunk_ids=tuple(par.chunk_ids), num_chunks=int(par.num_chunks))
+                                   chunk_ids=tuple(par.chunk_ids), num_chunks=int(par.num_chunks),
+                                   all_chunk_ids=getattr(par, "all_chunk_ids", None),
+                                   doc_ids=getattr(par, "doc_ids", None))
 
     # ---- generation -------------------------------------------------------------------------------
     @torch.no_grad()

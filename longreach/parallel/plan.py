@@ -16,6 +16,13 @@ needs the ids/indices of the visiting KV slot: every rank derives them from this
 same global batch), so nothing but K and V travels. Blocks whose key chunk lies wholly after the query chunk,
 or shares no document with it, are skipped.
 
+Linear (state-passing) layers under the same plan: the padded row is also cut into ``2 * cp`` equal "linear
+chunks" of ``e = S_pad / (2 R U)`` tokens; every CP rank holds exactly two of them (its local tokens are whole
+chunks: zigzag slot chunk ``c = U e`` splits into ``U`` of them, piece ``u`` takes entries ``2u, 2u+1`` of the
+slot's list). Linear layers state-pass over the whole CP group (ring x ulysses, whatever the softmax strategy) in
+that chunk order (``CPAttnInfo.group / chunk_ids / num_chunks``); they never use the Ulysses all-to-all, since a
+state scan needs no heads exchange. Packed documents reach them as ``CPAttnInfo.doc_ids`` (global, per token).
+
 Padding: a row whose length does not divide is padded at the end (input ``pad_id``, label -100, position 0,
 its own document), so the pad is out of the loss and invisible to real tokens. ``unshard`` is the exact
 inverse of ``shard`` and drops the pad. Labels arrive already shifted (``Batch`` contract), so sharding never
@@ -35,7 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CPAttnInfo:
-    """``AttnContext.parallel`` for the 'ring' / 'ulysses' / 'hybrid' implementations (built by the plan)."""
+    """``AttnContext.parallel`` for the 'ring' / 'ulysses' / 'hybrid' implementations and for 'linear' layers
+    (state passing; the last fields), all built by the plan so one model mixes them under one layout."""
 
     strategy: str
     """ring | ulysses | hybrid (or 'local' for the single-rank fallback)."""
@@ -53,6 +61,18 @@ class CPAttnInfo:
     """int64 [R, B, 2c]: document id of those tokens, or None when there is one document per row and no pad."""
     comm: Any
     """The :class:`~longreach.parallel.comm_count.Comm` every collective goes through."""
+    # ---- what 'linear' layers read (state passing over the whole CP group; None where no plan built them) ----
+    group: Any = None
+    """CP process group (ring x ulysses) over which the sequence is split; its rank order is ``cp_rank``."""
+    chunk_ids: Optional[tuple] = None
+    """Global linear-chunk ids of this rank's local tokens, in local order (two chunks of S_pad / num_chunks)."""
+    num_chunks: Optional[int] = None
+    """Linear chunks in the padded row (``2 * cp``)."""
+    all_chunk_ids: Optional[tuple] = None
+    """``chunk_ids`` of every CP rank, in group-rank (``cp_rank``) order: saves linear layers a gather."""
+    doc_ids: Optional[torch.Tensor] = None
+    """int64 [B, S_pad]: global document id of every token (pad = its own document), or None for one document
+    per row and no pad. Same tensor on every CP rank."""
 
 
 def _zigzag_slot(r: int, ring: int, chunk: int) -> torch.Tensor:
@@ -124,6 +144,20 @@ class ShardPlan:
         u = self.ulysses_rank if ulysses_rank is None else ulysses_rank
         return self.slot_pos[r, u * self.local_len:(u + 1) * self.local_len]
 
+    @property
+    def num_linear_chunks(self) -> int:
+        return 2 * self.cp
+
+    def linear_chunk_ids(self, ring_rank: Optional[int] = None, ulysses_rank: Optional[int] = None) -> tuple:
+        """Global ids of the linear chunks (``S_pad / (2 cp)`` tokens each) rank (ring_rank, ulysses_rank) holds,
+        in its local order."""
+        idx = self.index(ring_rank, ulysses_rank)
+        e = self.padded_len // self.num_linear_chunks
+        ids = tuple(int(i) // e for i in idx[::e])
+        # internal invariant of the layout: local tokens are whole chunks, each contiguous
+        assert torch.equal(idx, torch.cat([torch.arange(c * e, (c + 1) * e) for c in ids])), ids
+        return ids
+
     def shard(self, x: torch.Tensor, *, pad_value: Any = 0, dim: int = 1) -> torch.Tensor:
         """Global [B, S, ...] (sequence at ``dim``) -> this rank's [B, S_local, ...], padding with ``pad_value``."""
         if x.shape[dim] != self.seq_len:
@@ -158,14 +192,19 @@ class ShardPlan:
             cu_seqlens=None,
         )
 
-    def attn_info(self, *, strategy: str, ring_group: Any, ulysses_group: Any, comm: Any) -> CPAttnInfo:
-        """The ``AttnContext.parallel`` payload for this rank."""
+    def attn_info(self, *, strategy: str, ring_group: Any, ulysses_group: Any, comm: Any, group: Any = None
+                  ) -> CPAttnInfo:
+        """The ``AttnContext.parallel`` payload for this rank. ``group`` is the CP group (``mesh.cp_group``) that
+        'linear' layers state-pass over; without it (softmax-only callers) a linear layer refuses to run."""
         slot_doc = None
         if self.doc_ids is not None:
             slot_doc = torch.stack([self.doc_ids[:, p] for p in self.slot_pos])  # [R, B, 2c]
+        all_ids = tuple(self.linear_chunk_ids(r, u) for r in range(self.ring) for u in range(self.ulysses))
         return CPAttnInfo(strategy=strategy, ring_size=self.ring, ulysses_size=self.ulysses, ring_rank=self.ring_rank,
                           ulysses_rank=self.ulysses_rank, ring_group=ring_group, ulysses_group=ulysses_group,
-                          slot_pos=self.slot_pos, slot_doc=slot_doc, comm=comm)
+                          slot_pos=self.slot_pos, slot_doc=slot_doc, comm=comm, group=group,
+                          chunk_ids=all_ids[self.ring_rank * self.ulysses + self.ulysses_rank],
+                          num_chunks=self.num_linear_chunks, all_chunk_ids=all_ids, doc_ids=self.doc_ids)
 
 
 def single_rank_info(*, batch_size: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], comm: Any = None) -> CPAttnInfo:
@@ -201,7 +240,7 @@ def make_shard_fn(mesh, *, comm: Any = None, pad_id: int = 0, causal: bool = Tru
                      "(pad tokens are out of the loss and invisible to attention)",
                      s, 2 * mesh.ring * mesh.ulysses, plan.padded_len)
         info = plan.attn_info(strategy=mesh.strategy, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group,
-                              comm=comm)
+                              comm=comm, group=mesh.cp_group)
         return plan.shard_batch(batch, pad_id=pad_id), AttnContext(causal=causal, parallel=info)
 
     return shard_fn

@@ -12,15 +12,20 @@ are known only after it is read):
 How ``model.attention`` relates to ``parallel.strategy`` (the one place this is decided):
 
 * ``parallel.cp=1``: nothing changes; the model runs the attention it names.
-* ``parallel.cp>1``: every decoder layer must run the strategy's registry entry ('ring' | 'ulysses' | 'hybrid',
-  all exact softmax attention, dispatching on the ``CPAttnInfo`` the shard plan puts in ``ctx.parallel``).
-  ``model.attention='dense'`` (the default) is read as "plain softmax attention" and becomes the strategy's name,
-  logged once. ``model.attention`` equal to the strategy's name is taken as is. Anything else is refused before
-  the model is built: another CP strategy's name (the plan would shard for one layout and the layer expect
-  another), a single-rank implementation ('flash', 's2': they would attend within the local shard only), 'linear'
-  (its state-passing CP uses a different context, not wired into the trainer), and any ``model.attention_layers``
-  entry other than the strategy's name, including an explicit 'dense' (a per-layer override is a deliberate
-  choice, so it is not silently rewritten).
+* ``parallel.cp>1``: every decoder layer must run either the strategy's registry entry ('ring' | 'ulysses' |
+  'hybrid', all exact softmax attention, dispatching on the ``CPAttnInfo`` the shard plan puts in ``ctx.parallel``)
+  or 'linear' (state passing, reading the same ``CPAttnInfo``'s ``group``/``chunk_ids``/``num_chunks``/``doc_ids``:
+  linear layers pass state over the whole CP group in the plan's chunk order, whatever the strategy, so one
+  ShardPlan serves a hybrid model). ``model.attention='dense'`` (the default) is read as "plain softmax
+  attention" and becomes the strategy's name, logged once. ``model.attention`` equal to the strategy's name or
+  'linear' is taken as is, and so are ``model.attention_layers`` entries naming the strategy or 'linear'.
+  Refused before the model is built: another CP strategy's name (the plan would shard for one layout and the
+  layer expect another), a single-rank implementation ('flash', 's2': they would attend within the local shard
+  only), an explicit 'dense' in ``model.attention_layers`` (a per-layer override is a deliberate choice, so it is
+  not silently rewritten: name the strategy instead), and ``model.attention_options`` for the softmax layers
+  (the CP strategies take none). Options for 'linear' layers are fine: keyed ``{'linear': {...}}``, or flat when
+  the softmax layers come from 'dense' (flat options went to the non-dense layers, i.e. the linear ones; they are
+  re-keyed to 'linear' so the renamed softmax layers do not receive them).
 
 Evaluation runs on every rank with ``ctx.parallel=None``: the CP entries then attend over the whole row locally.
 """
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 
 CP_ATTENTION = ("ring", "ulysses", "hybrid")
 """Registry names of the softmax CP strategies (``parallel.strategy`` values)."""
+STATE_PASSING = ("linear",)
+"""Registry names that run context-parallel by state passing over the plan's CP group (any strategy)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class ParallelSetup:
     shard_fn: Optional[Callable]
     """``shard_fn(global_batch) -> (local_batch, AttnContext)`` (None: whole batches)."""
     attention_name: str
-    """Registry name every softmax layer must use (``model.attention`` after the CP substitution)."""
+    """``model.attention`` after the CP substitution ('dense' -> the strategy's name; 'linear' stays)."""
     dp: int
     """Data-parallel degree: the number of distinct global batches per micro-step."""
     dp_rank: int
@@ -67,41 +74,74 @@ class ParallelSetup:
         return {"dp_group": self.dp_group, "sp_group": self.sp_group, "shard_fn": self.shard_fn}
 
 
+def _layer_names(mc) -> list[str]:
+    return [mc.attention, *(mc.attention_layers or {}).values()]
+
+
+def _cp_options(mc, want: str, cp: int) -> dict:
+    """``model.attention_options`` as it must read under CP: only 'linear' layers take options (see module doc)."""
+    opts = dict(mc.attention_options or {})
+    if not opts:
+        return opts
+    names = set(_layer_names(mc))
+    keyed = all(isinstance(v, dict) for v in opts.values())
+    if keyed:
+        bad = {k: v for k, v in opts.items() if v and k not in STATE_PASSING}
+        if bad:
+            raise ConfigError(f"model.attention_options={bad} under parallel.cp={cp}: the context-parallel softmax "
+                              f"attention '{want}' takes no options; keep only the 'linear' entry, or set "
+                              "parallel.cp=1")
+        return opts
+    # flat options go to every non-'dense' layer; legal under CP only when those are exactly the linear ones
+    if names & set(CP_ATTENTION) or not names & set(STATE_PASSING):
+        raise ConfigError(f"model.attention_options={opts} under parallel.cp={cp} would reach the context-parallel "
+                          f"softmax attention '{want}', which takes no options; key them by name, e.g. "
+                          f"model.attention_options={{'linear': {opts}}}, or set parallel.cp=1")
+    return {name: opts for name in STATE_PASSING}
+
+
 def cp_attention_name(cfg) -> str:
-    """The registry name the model's layers must use under ``cfg.parallel``; raises ConfigError for a plan that
-    cannot run context-parallel (see the module docstring)."""
+    """``model.attention`` as the layers must run it under ``cfg.parallel`` ('dense' becomes the strategy's name;
+    'linear' and the strategy's name stay); raises ConfigError for a plan that cannot run context-parallel (see
+    the module docstring)."""
     par, mc = cfg.parallel, cfg.model
     if par.cp == 1:
         return mc.attention
     want = par.strategy
-    if mc.attention not in ("dense", want):
+    ok = (want, *STATE_PASSING)
+    if mc.attention not in ("dense", *ok):
         if mc.attention in CP_ATTENTION:
             fix = f"set model.attention={want} (or dense) or parallel.strategy={mc.attention}"
         else:
             fix = (f"'{mc.attention}' cannot run context-parallel in the trainer; set model.attention=dense (it becomes "
-                   f"'{want}') or parallel.cp=1")
+                   f"'{want}'), model.attention=linear, or parallel.cp=1")
         raise ConfigError(f"model.attention={mc.attention!r} does not match parallel.strategy={want!r} with "
                           f"parallel.cp={par.cp}; {fix}")
-    bad = {k: v for k, v in (mc.attention_layers or {}).items() if v != want}
+    bad = {k: v for k, v in (mc.attention_layers or {}).items() if v not in ok}
     if bad:
         raise ConfigError(f"model.attention_layers={bad} under parallel.cp={par.cp}: every layer must run the "
-                          f"context-parallel attention '{want}' (a layer on one rank would only see its shard); "
-                          f"remove these entries or set them to '{want}', or set parallel.cp=1")
-    if mc.attention_options:
-        raise ConfigError(f"model.attention_options={dict(mc.attention_options)} is set, but the context-parallel "
-                          f"attention '{want}' takes no options; remove model.attention_options or set parallel.cp=1")
-    return want
+                          f"context-parallel attention '{want}' or 'linear' (a layer on one rank would only see its "
+                          f"shard); set these entries to '{want}' (softmax) or 'linear', or set parallel.cp=1")
+    _cp_options(mc, want, par.cp)
+    return want if mc.attention == "dense" else mc.attention
 
 
 def cp_model_config(cfg):
-    """``cfg`` with ``model.attention`` set to :func:`cp_attention_name` (logged when it changes). Call before the
-    model is built; idempotent."""
+    """``cfg`` with ``model.attention`` set to :func:`cp_attention_name` and flat ``model.attention_options``
+    keyed to 'linear' (each change logged). Call before the model is built; idempotent."""
     name = cp_attention_name(cfg)
-    if name == cfg.model.attention:
+    if cfg.parallel.cp == 1:
         return cfg
-    log.info("parallel.cp=%d with parallel.strategy=%s: model.attention=%r becomes %r (the same softmax attention, "
-             "context-parallel)", cfg.parallel.cp, cfg.parallel.strategy, cfg.model.attention, name)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=name))
+    opts = _cp_options(cfg.model, cfg.parallel.strategy, cfg.parallel.cp)
+    if name == cfg.model.attention and opts == dict(cfg.model.attention_options or {}):
+        return cfg
+    if name != cfg.model.attention:
+        log.info("parallel.cp=%d with parallel.strategy=%s: model.attention=%r becomes %r (the same softmax "
+                 "attention, context-parallel)", cfg.parallel.cp, cfg.parallel.strategy, cfg.model.attention, name)
+    if opts != dict(cfg.model.attention_options or {}):
+        log.info("parallel.cp=%d: model.attention_options=%s becomes %s (only the linear layers take them)",
+                 cfg.parallel.cp, dict(cfg.model.attention_options), opts)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=name, attention_options=opts))
 
 
 def setup_parallel(cfg, dist, *, num_heads: int, num_kv_heads: int, comm: Any = None) -> ParallelSetup:

@@ -54,6 +54,38 @@ def test_flash_packed_documents_gqa():
     check_against_reference(rand(190, 4, 64), rand(190, 1, 64), rand(190, 1, 64), cu)
 
 
+def test_flash_fused_backward(monkeypatch):
+    """dk/dv and dq as the two halves of one launch (the kernels' other schedule) give the same gradients."""
+    from longreach.kernels.flash import triton as tk
+
+    monkeypatch.setitem(tk.OVERRIDE, "fused", True)
+    torch.manual_seed(8)
+    cu = torch.tensor([0, 45, 100], dtype=torch.int32)
+    check_against_reference(rand(100, 4, 64), rand(100, 2, 64), rand(100, 2, 64), cu)
+
+
+def test_out_of_resources_relaunches_with_small_tiles(monkeypatch):
+    """A GPU without the shared memory for the tuned tiles: the launch is redone with small tiles and a grid
+    recomputed for them (forward and backward), so every row is still written."""
+    import triton
+
+    from longreach.kernels.flash import triton as tk
+
+    real_run, failed = tk._run, set()
+
+    def run_once_short_of_memory(kernel, grid, args, kw, tiles, warps, stages):
+        # the interpreter's tuned tiles have 32 keys, its small ones 16: only the small ones "fit"
+        if tiles.get("BLOCK_N", tiles.get("BLOCK_N1")) > 16:
+            failed.add(kernel)
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        real_run(kernel, grid, args, kw, tiles, warps, stages)
+
+    monkeypatch.setattr(tk, "_run", run_once_short_of_memory)
+    torch.manual_seed(9)
+    check_against_reference(rand(1, 90, 4, 64), rand(1, 90, 2, 64), rand(1, 90, 2, 64), None)
+    assert len(failed) >= 2  # the forward and a backward kernel took the fallback
+
+
 def test_flash_non_causal():
     torch.manual_seed(2)
     check_against_reference(rand(1, 70, 2, 64), rand(1, 70, 2, 64), rand(1, 70, 2, 64), None, causal=False)

@@ -45,6 +45,8 @@ def run_case(s, hq, hkv, pattern: S2Pattern, docs=None):
     (267, 4, 2, S2Pattern(block=16, window=32, sink=16, stride=3), 0.75),
     # no sink, one dense kv head, GQA group of 2
     (200, 4, 2, S2Pattern(block=16, window=16, sink=0, stride=2, dense_heads=(1,)), 0.9),
+    # pattern block of two kernel tiles (the flat walk steps inside a block), shard blocks of both heads
+    (420, 4, 2, S2Pattern(block=64, window=64, sink=64, stride=3), 0.75),
 ])
 def test_s2_matches_reference(s, hq, hkv, pattern, max_density):
     torch.manual_seed(s)

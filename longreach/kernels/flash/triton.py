@@ -1,5 +1,5 @@
 """Triton block attention (forward and backward) with lse out, varlen documents, GQA, and an optional
-sparse-sharded (S2) block pattern. One kernel per pass; causal, varlen, GQA packing and sparsity are flags.
+sparse-sharded (S2) block pattern. Causal, varlen, GQA packing and sparsity are flags of one set of kernels.
 
 Layout (internal): q [Tq, Hq, D], k/v [Tk, Hkv, D] (any strides, last dim contiguous), tokens of all
 documents flattened; document ``i`` of q is rows ``cu_q[i]:cu_q[i+1]`` and attends document ``i`` of k,
@@ -9,12 +9,21 @@ lse is fp32 [Hq, Tq], natural log. A row that sees no key gets out 0 and lse -in
 
 GQA: q head h reads kv head h // (Hq // Hkv); KV is never repeated. ``PACK`` q heads of one group are stacked
 into the rows of one tile (row r = token r // PACK, head r % PACK), so each loaded K/V tile serves all of them
-(S2 uses PACK = group size; dense flash uses PACK = 1 and lets L2 share K/V across a group's programs).
+(S2 uses PACK = group size; dense flash uses PACK = 1: the programs of a group's heads are launched next to
+each other, so they share K/V through L2).
 
 Sparse (S2) pattern, per kv head h, over blocks of ``sp_block`` tokens counted from each document's start:
 query block qb sees key block kb <= qb iff qb - kb < sp_window (local window, includes the diagonal),
 kb < sp_sink (sink), or kb % s == h % s with s = sp_stride (s = 1 for a dense head). The kernels walk exactly
-those blocks (arithmetic, no block table): skipped blocks are never loaded.
+those blocks (arithmetic, no block table) in ONE flat loop (sink, shard, window tiles), so the loop pipelines
+like the dense one; skipped blocks are never loaded.
+
+Speed notes (H100): only the causal diagonal tiles and a document's last partial tile are masked; every
+grid puts the heads of a tile next to each other and the heaviest tiles first (short tail, K/V shared in L2);
+the backward runs dk/dv per KV tile (the GQA group's q heads packed into the q tile rows, so each KV tile is
+loaded once) and dq per q tile, as two launches or (``FUSED_BWD``) as the two halves of one. Tiles per kernel
+are fixed from a sweep (``longreach/launch/bench/flash_sweep.py``, see ``TILES``), no autotune: no tuning
+time at a new length, and no autotuner noise picking a slower config.
 """
 
 from __future__ import annotations
@@ -52,18 +61,58 @@ def _shard_stride(DENSE, hkv, sp_stride):
     return tl.where(dense != 0, 1, sp_stride)
 
 
-# ----------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _idx(x, IDX64: tl.constexpr):
+    # token offsets inside a document: int32 unless tokens * row stride may pass 2^31
+    if IDX64:
+        return x.to(tl.int64)
+    else:
+        return x
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, k_len, tok, qk_scale,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _sparse_walk(i0, hkv, DENSE, sp_block, sp_window, sp_sink, sp_stride, BLOCK_N: tl.constexpr):
+    """Flat walk of the off-window blocks of query block i0 // sp_block, in tiles of BLOCK_N:
+    -> (n_sink tiles, n_shard tiles, first shard block, shard stride, window start token)."""
+    qb = i0 // sp_block
+    lo_wb = tl.maximum(qb - sp_window + 1, 0)
+    tpb = sp_block // BLOCK_N
+    s = _shard_stride(DENSE, hkv, sp_stride)
+    first = sp_sink + (hkv % s - sp_sink % s + s) % s
+    n_shard = tl.where(lo_wb > first, (lo_wb - first + s - 1) // s, 0)
+    return tl.minimum(sp_sink, lo_wb) * tpb, n_shard * tpb, first, s, lo_wb * sp_block
+
+
+@triton.jit
+def _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, SPARSE_WALK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key column where flat iteration t starts: sink tiles, then the shard's tiles, then lo + ... (window)."""
+    if SPARSE_WALK:
+        tpb = sp_block // BLOCK_N
+        u = tl.maximum(t - n_sink, 0)
+        shard = (first + (u // tpb) * s) * sp_block + (u % tpb) * BLOCK_N
+        win = lo + (u - n_shard) * BLOCK_N
+        return tl.where(t < n_sink, t * BLOCK_N, tl.where(u < n_shard, shard, win))
+    else:
+        return lo + t * BLOCK_N
+
+
+# ----------------------------------------------------------------------------------------------- forward
+# Lengths and pattern sizes are not specialized (do_not_specialize): one compile serves every sequence length.
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, n_iter, n_sink, n_shard, first, s,
+               sp_block, k_len, tok, qk_scale,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE_WALK: tl.constexpr, IDX64: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(lo, hi, BLOCK_N):
+    for t in range(0, n_iter):
+        start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, SPARSE_WALK, BLOCK_N)
         cols = start + offs_n
-        kt_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None]  # [D, BN]
-        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :]  # [BN, D]
+        c = _idx(cols, IDX64)
+        kt_ptrs = k_base + c[None, :] * stride_kt + offs_d[:, None]  # [D, BN]
+        v_ptrs = v_base + c[:, None] * stride_vt + offs_d[None, :]  # [BN, D]
         if MASK:
             col_ok = cols < k_len
             kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
@@ -80,11 +129,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, k
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row with nothing visible yet keeps m=-inf; subtract 0 so exp2 gives 0, not nan
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
         else:
-            qk = qk * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])  # one FMA per score
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -93,16 +142,17 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, k
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N_TILES', 'N_HP', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
 def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, DENSE, qk_scale,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-              sp_block, sp_window, sp_sink, sp_stride, TUNE_LEN,
+              sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
               GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # heaviest (last, for causal) q tiles first: shorter tail
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+              IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # heads of a tile side by side (GQA heads share K/V in L2), heaviest (last, for causal) tiles first
+    pid = tl.program_id(0)
+    hp = pid % N_HP
+    pid_m = N_TILES - 1 - pid // N_HP
     doc = tl.program_id(1)
-    hp = tl.program_id(2)
     ROWS: tl.constexpr = BLOCK_M // PACK
     q_start = tl.load(CU_Q + doc)
     q_len = tl.load(CU_Q + doc + 1) - q_start
@@ -116,47 +166,42 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, DENSE, qk_scale,
         head = hp * PACK + offs_m % PACK
         hkv = (hp * PACK) // GROUP
         row_ok = tok < q_len
-        trow = (q_start + tok).to(tl.int64)
-        q = tl.load(Q + trow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        q_base = Q + q_start.to(tl.int64) * stride_qt
+        t = _idx(tok, IDX64)
+        q = tl.load(q_base + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         k_base = K + k_start.to(tl.int64) * stride_kt + hkv * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + hkv * stride_vh
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        win_lo = 0
-        if SPARSE:
-            qb = i0 // sp_block
-            lo_wb = tl.maximum(qb - sp_window + 1, 0)
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                       0, tl.minimum(sp_sink, lo_wb) * sp_block, k_len, tok, qk_scale,
-                                       False, CAUSAL, BLOCK_N, HEAD_DIM)
-            s = _shard_stride(DENSE, hkv, sp_stride)
-            first = sp_sink + (hkv % s - sp_sink % s + s) % s
-            for kb in range(first, lo_wb, s):
-                acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                           kb * sp_block, (kb + 1) * sp_block, k_len, tok, qk_scale,
-                                           False, CAUSAL, BLOCK_N, HEAD_DIM)
-            win_lo = lo_wb * sp_block
         if CAUSAL:
             hi = tl.minimum(k_len, i0 + ROWS)
             safe_hi = (tl.minimum(k_len, i0) // BLOCK_N) * BLOCK_N
         else:
             hi = k_len
             safe_hi = (k_len // BLOCK_N) * BLOCK_N
+        if SPARSE:
+            n_sink, n_shard, first, s, lo = _sparse_walk(i0, hkv, DENSE, sp_block, sp_window, sp_sink, sp_stride,
+                                                         BLOCK_N)
+            n_full = n_sink + n_shard + tl.maximum(safe_hi - lo, 0) // BLOCK_N
+        else:
+            n_sink, n_shard, first, s, lo = 0, 0, 0, 1, 0
+            n_full = safe_hi // BLOCK_N
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   win_lo, safe_hi, k_len, tok, qk_scale,
-                                   False, CAUSAL, BLOCK_N, HEAD_DIM)
+                                   lo, n_full, n_sink, n_shard, first, s, sp_block, k_len, tok, qk_scale,
+                                   False, CAUSAL, SPARSE, IDX64, BLOCK_N, HEAD_DIM)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   safe_hi, hi, k_len, tok, qk_scale,
-                                   True, CAUSAL, BLOCK_N, HEAD_DIM)
+                                   safe_hi, tl.cdiv(hi - safe_hi, BLOCK_N), 0, 0, 0, 1, sp_block, k_len, tok,
+                                   qk_scale, True, CAUSAL, False, IDX64, BLOCK_N, HEAD_DIM)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
-        tl.store(O + trow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        o_base = O + q_start.to(tl.int64) * stride_ot
+        tl.store(o_base + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(LSE + head * stride_lh + trow, lse, mask=row_ok)
+        tl.store(LSE + head * stride_lh + q_start + tok, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------- backward
@@ -177,27 +222,33 @@ def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, st
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, q_len, head0, lo, hi, cols, qk_scale,
-                stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-                MASK: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, lo, hi, cols, qk_scale,
+                stride_qt, stride_qh, stride_dot, stride_doh,
+                MASK_CAUSAL: tl.constexpr, MASK_ROWS: tl.constexpr, IDX64: tl.constexpr, PACK: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_M // PACK
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    head = head0 + offs_m % PACK
     for start in range(lo, hi, ROWS):
         tok = start + offs_m // PACK
-        row_ok = tok < q_len
-        trow = (q_start + tok).to(tl.int64)
-        q = tl.load(Q + trow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + trow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)
-        # rows past the document: lse=+inf makes p exactly 0
-        lse = tl.load(LSE + head * stride_lh + trow, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + head * stride_lh + trow, mask=row_ok, other=0.0)
+        t = _idx(tok, IDX64)
+        q_ptrs = q_base + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+        do_ptrs = do_base + t[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :]
+        if MASK_ROWS:
+            # rows past the document: lse=+inf makes p exactly 0
+            row_ok = tok < q_len
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + tok, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + tok, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + tok)
+            delta = tl.load(delta_base + tok)
         qkT = tl.dot(k, tl.trans(q))  # [BN, BM]
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        if MASK:
+        pT = tl.math.exp2(qkT * qk_scale - (lse * 1.4426950408889634)[None, :])
+        if MASK_CAUSAL:
             pT = tl.where(cols[:, None] <= tok[None, :], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
@@ -207,15 +258,17 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, q_len, head0, lo, hi, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                   sp_block, sp_window, sp_sink, sp_stride, TUNE_LEN,
-                   GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
+def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+               stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+               sp_block, sp_window, sp_sink, sp_stride, N_KV,
+               GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+               IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
+    hkv = pid % N_KV
+    pid_n = pid // N_KV
     doc = tl.program_id(1)
-    hkv = tl.program_id(2)
     ROWS: tl.constexpr = BLOCK_M // PACK
     q_start = tl.load(CU_Q + doc)
     q_len = tl.load(CU_Q + doc + 1) - q_start
@@ -225,11 +278,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale,
     if j0 < k_len:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
+        offs_m = tl.arange(0, BLOCK_M)
         cols = j0 + offs_n
         col_ok = cols < k_len
-        krow = (k_start + cols).to(tl.int64)
-        k = tl.load(K + krow[:, None] * stride_kt + hkv * stride_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + krow[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        c = _idx(cols, IDX64)
+        k_base = K + k_start.to(tl.int64) * stride_kt + hkv * stride_kh
+        v_base = V + k_start.to(tl.int64) * stride_vt + hkv * stride_vh
+        k = tl.load(k_base + c[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + c[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         q_hi = q_len
@@ -239,36 +295,51 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale,
             s = _shard_stride(DENSE, hkv, sp_stride)
             everyone = (kb < sp_sink) | (kb % s == hkv % s)
             q_hi = tl.where(everyone, q_len, tl.minimum(q_len, (kb + sp_window) * sp_block))
+        q_base = Q + q_start.to(tl.int64) * stride_qt
+        do_base = DO + q_start.to(tl.int64) * stride_dot
+        if CAUSAL:
+            mid = tl.minimum(j0 + BLOCK_N, q_hi)
+            lo = mid
+        else:
+            mid = 0
+            lo = 0
+        full_hi = lo + (tl.maximum(q_hi - lo, 0) // ROWS) * ROWS
         for g in range(GROUP // PACK):
-            head0 = hkv * GROUP + g * PACK
-            if CAUSAL:
-                mid = tl.minimum(j0 + BLOCK_N, q_hi)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, q_len, head0, j0, mid, cols,
-                                     qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-                                     True, PACK, BLOCK_M, HEAD_DIM)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, q_len, head0, mid, q_hi, cols,
-                                     qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-                                     False, PACK, BLOCK_M, HEAD_DIM)
-            else:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, q_len, head0, 0, q_hi, cols,
-                                     qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-                                     False, PACK, BLOCK_M, HEAD_DIM)
+            head = hkv * GROUP + g * PACK + offs_m % PACK
+            lse_base = LSE + head * stride_lh + q_start
+            delta_base = DELTA + head * stride_lh + q_start
+            if CAUSAL:  # the diagonal: causal mask (and rows past the document)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, j0, mid,
+                                     cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
+                                     True, True, IDX64, PACK, BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, lo, full_hi,
+                                 cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
+                                 False, False, IDX64, PACK, BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, full_hi, q_hi,
+                                 cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
+                                 False, True, IDX64, PACK, BLOCK_M, HEAD_DIM)
         dk = dk * sm_scale
-        tl.store(DK + krow[:, None] * stride_dkt + hkv * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+        dk_base = DK + k_start.to(tl.int64) * stride_dkt + hkv * stride_dkh
+        dv_base = DV + k_start.to(tl.int64) * stride_dvt + hkv * stride_dvh
+        tl.store(dk_base + c[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
                  mask=col_ok[:, None])
-        tl.store(DV + krow[:, None] * stride_dvt + hkv * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+        tl.store(dv_base + c[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
                  mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, k_len, tok, qk_scale,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, n_iter, n_sink, n_shard, first, s,
+              sp_block, k_len, tok, qk_scale,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE_WALK: tl.constexpr, IDX64: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(lo, hi, BLOCK_N):
+    for t in range(0, n_iter):
+        start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, SPARSE_WALK, BLOCK_N)
         cols = start + offs_n
-        kt_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None]  # [D, BN]
-        vt_ptrs = v_base + cols[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
+        c = _idx(cols, IDX64)
+        kt_ptrs = k_base + c[None, :] * stride_kt + offs_d[:, None]  # [D, BN]
+        vt_ptrs = v_base + c[None, :] * stride_vt + offs_d[:, None]
         if MASK:
             col_ok = cols < k_len
             kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
@@ -290,15 +361,15 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, h
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
-                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                 stride_dqt, stride_dqh, stride_lh,
-                 sp_block, sp_window, sp_sink, sp_stride, TUNE_LEN,
-                 GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+def _dq_body(pid, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+             stride_dqt, stride_dqh, stride_lh,
+             sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
+             GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+             IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    hp = pid % N_HP
+    pid_m = N_TILES - 1 - pid // N_HP
     doc = tl.program_id(1)
-    hp = tl.program_id(2)
     ROWS: tl.constexpr = BLOCK_M // PACK
     q_start = tl.load(CU_Q + doc)
     q_len = tl.load(CU_Q + doc + 1) - q_start
@@ -312,115 +383,199 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_sc
         head = hp * PACK + offs_m % PACK
         hkv = (hp * PACK) // GROUP
         row_ok = tok < q_len
-        trow = (q_start + tok).to(tl.int64)
-        q = tl.load(Q + trow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + trow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + head * stride_lh + trow, mask=row_ok, other=float("inf"))
+        t = _idx(tok, IDX64)
+        q = tl.load(Q + q_start.to(tl.int64) * stride_qt + t[:, None] * stride_qt + head[:, None] * stride_qh
+                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + q_start.to(tl.int64) * stride_dot + t[:, None] * stride_dot + head[:, None] * stride_doh
+                     + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + head * stride_lh + q_start + tok, mask=row_ok, other=float("inf"))
         # a row that saw no key (lse=-inf) has zero gradient: +inf gives p=0
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(DELTA + head * stride_lh + trow, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head * stride_lh + q_start + tok, mask=row_ok, other=0.0)
         k_base = K + k_start.to(tl.int64) * stride_kt + hkv * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + hkv * stride_vh
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        win_lo = 0
-        if SPARSE:
-            qb = i0 // sp_block
-            lo_wb = tl.maximum(qb - sp_window + 1, 0)
-            dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                           0, tl.minimum(sp_sink, lo_wb) * sp_block, k_len, tok, qk_scale,
-                           False, CAUSAL, BLOCK_N, HEAD_DIM)
-            s = _shard_stride(DENSE, hkv, sp_stride)
-            first = sp_sink + (hkv % s - sp_sink % s + s) % s
-            for kb in range(first, lo_wb, s):
-                dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                               kb * sp_block, (kb + 1) * sp_block, k_len, tok, qk_scale,
-                               False, CAUSAL, BLOCK_N, HEAD_DIM)
-            win_lo = lo_wb * sp_block
         if CAUSAL:
             hi = tl.minimum(k_len, i0 + ROWS)
             safe_hi = (tl.minimum(k_len, i0) // BLOCK_N) * BLOCK_N
         else:
             hi = k_len
             safe_hi = (k_len // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, win_lo, safe_hi, k_len, tok,
-                       qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, safe_hi, hi, k_len, tok,
-                       qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM)
+        if SPARSE:
+            n_sink, n_shard, first, s, lo = _sparse_walk(i0, hkv, DENSE, sp_block, sp_window, sp_sink, sp_stride,
+                                                         BLOCK_N)
+            n_full = n_sink + n_shard + tl.maximum(safe_hi - lo, 0) // BLOCK_N
+        else:
+            n_sink, n_shard, first, s, lo = 0, 0, 0, 1, 0
+            n_full = safe_hi // BLOCK_N
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, n_full, n_sink, n_shard,
+                       first, s, sp_block, k_len, tok, qk_scale, False, CAUSAL, SPARSE, IDX64, BLOCK_N, HEAD_DIM)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, safe_hi,
+                       tl.cdiv(hi - safe_hi, BLOCK_N), 0, 0, 0, 1, sp_block, k_len, tok, qk_scale,
+                       True, CAUSAL, False, IDX64, BLOCK_N, HEAD_DIM)
         dq = dq * sm_scale
-        tl.store(DQ + trow[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DQ + q_start.to(tl.int64) * stride_dqt + t[:, None] * stride_dqt + head[:, None] * stride_dqh
+                 + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-# ----------------------------------------------------------------------------------------------- tuning
+@triton.jit(do_not_specialize=['N_HP', 'N_KV', 'N_KV_PROG', 'N_QTILES', 'sp_block', 'sp_window', 'sp_sink',
+                               'sp_stride'])
+def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+              stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+              sp_block, sp_window, sp_sink, sp_stride, N_KV_PROG, N_KV, N_QTILES, N_HP,
+              GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+              IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+              BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+    # one launch, two halves: programs [0, N_KV_PROG) do dk/dv per KV tile, the rest dq per q tile; the dq
+    # programs are dispatched as the dk/dv ones drain, so neither pass leaves a tail of idle SMs
+    pid = tl.program_id(0)
+    if pid < N_KV_PROG:
+        _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                   sp_block, sp_window, sp_sink, sp_stride, N_KV,
+                   GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M1, BLOCK_N1)
+    else:
+        _dq_body(pid - N_KV_PROG, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                 stride_dqt, stride_dqh, stride_lh,
+                 sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
+                 GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M2, BLOCK_N2)
 
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+@triton.jit(do_not_specialize=['N_KV', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                   sp_block, sp_window, sp_sink, sp_stride, N_KV,
+                   GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+                   IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    _dkdv_body(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+               stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+               sp_block, sp_window, sp_sink, sp_stride, N_KV,
+               GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N)
 
 
-FWD_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2),
-               _cfg(64, 64, 4, 3)]
-DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3),
-              _cfg(128, 128, 8, 2)]
-DKDV_CONFIGS = [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 4), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3),
-                _cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2)]
-# the interpreter would run every config: one small tile of 16 tokens (x packed heads) instead
+@triton.jit(do_not_specialize=['N_HP', 'N_QTILES', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                 stride_dqt, stride_dqh, stride_lh,
+                 sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
+                 GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+                 IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    _dq_body(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
+             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+             stride_dqt, stride_dqh, stride_lh,
+             sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
+             GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N)
+
+
+# ----------------------------------------------------------------------------------------------- tiles
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One kernel's launch config: BLOCK_M (q rows = tokens x packed heads), BLOCK_N (keys), warps, stages."""
+
+    m: int
+    n: int
+    warps: int
+    stages: int
+
+
+# From the H100 sweeps (bf16, D=128, 32 q / 8 kv heads, 32K; longreach/launch/bench/flash_sweep.py), keyed by
+# (kernel, sparse). 32K causal: fwd 128x128 17.1 ms vs 128x64 17.3, 128x64/4 warps 29.8 (spills); dk/dv 64x128
+# 8 warps 3 stages best (2 stages +4%, 4 warps or 128x128 2.3x slower: register spills); dq 128x64 ~ 128x128.
+TILES: dict = {
+    ("fwd", False): Tile(128, 128, 8, 3),
+    ("fwd", True): Tile(128, 128, 8, 3),
+    ("dkdv", False): Tile(64, 128, 8, 3),
+    ("dkdv", True): Tile(64, 128, 8, 3),
+    ("dq", False): Tile(128, 64, 8, 3),
+    ("dq", True): Tile(128, 64, 8, 3),
+}
+# dk/dv and dq as two halves of one launch (warps/stages from the dk/dv tile): measured equal to two launches
+# (32K: 56.6 vs 55.8 ms dense, 14.1 vs 14.1 S2), and one fused variant (dq tile 128x128) computed wrong
+# gradients on the H100 (Triton 3.6, heavy spills), so two launches stay the default
+FUSED_BWD = {False: False, True: False}
+# the dense backward packs the GQA group into the tile rows (as S2 does): the group loop inside dk/dv then has
+# one trip, and register spills fall from ~400 to ~50 (32K: 55.8 vs 57.1 ms)
+BWD_PACK_DENSE = True
+# the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
+OVERRIDE: dict = {}
+# fp32 operands (tf32 dots; the ring's checks) and GPUs without the shared memory for the tuned tiles
+SMALL = Tile(64, 64, 4, 2)
+# the interpreter: one small tile of 32 (or 16) tokens x packed heads
 INTERP_TOKENS = 32
 
-_TUNE_KEY = ["HEAD_DIM", "GROUP", "PACK", "CAUSAL", "SPARSE", "TUNE_LEN"]
 
-
-def _prune(rows_divide_kv: bool):
-    """Drop configs that cannot tile the sparse block or (backward dk/dv) the causal diagonal."""
-
-    def prune(configs, named_args, **kwargs):
-        pack = kwargs.get("PACK", named_args.get("PACK", 1))
-        sparse = kwargs.get("SPARSE", named_args.get("SPARSE", False))
-        block = named_args["sp_block"]
-        keep = []
-        for c in configs:
-            bq, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            rows = bq // pack
-            if bq % pack or rows < 1:
-                continue
-            if rows_divide_kv and bk % rows:
-                continue
-            if sparse and (block % bk or block % rows):
-                continue
-            keep.append(c)
-        if not keep:
-            raise ValueError(f"no kernel tile fits sparse block={block} with {pack} packed heads; "
-                             "use a block that is a multiple of 128")
-        return keep
-
-    return prune
-
-
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY,
-                             prune_configs_by={"early_config_prune": _prune(False)})(_attn_fwd)
-_dq_tuned = triton.autotune(DQ_CONFIGS, key=_TUNE_KEY,
-                            prune_configs_by={"early_config_prune": _prune(False)})(_attn_bwd_dq)
-_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_TUNE_KEY,
-                              prune_configs_by={"early_config_prune": _prune(True)})(_attn_bwd_dkdv)
-
-
-def _launch(tuned, raw, grid, args, kwargs, sp_block: int):
+def _tile(kernel: str, sparse: bool, pack: int, sp_block: Optional[int], small: bool = False) -> Tile:
+    """The tile for this kernel, shrunk until it tiles the sparse block and (dk/dv) the causal diagonal."""
     if INTERPRET:
-        tokens = INTERP_TOKENS if sp_block % INTERP_TOKENS == 0 else 16
-        raw[grid](*args, **kwargs, BLOCK_M=tokens * kwargs["PACK"], BLOCK_N=tokens)
-    else:
-        tuned[grid](*args, **kwargs)
+        tokens = INTERP_TOKENS if sp_block is None or sp_block % INTERP_TOKENS == 0 else 16
+        tokens = 16 if small else tokens
+        return Tile(tokens * pack, tokens, 4, 1)
+    t = SMALL if small else OVERRIDE.get((kernel, sparse), TILES[(kernel, sparse)])
+    m, n = t.m, t.n
+    while True:
+        rows = m // pack
+        bad_n = sp_block is not None and sp_block % n
+        bad_rows = rows < 1 or m % pack or (sp_block is not None and sp_block % rows) or \
+            (kernel == "dkdv" and n % rows)
+        if not bad_n and not bad_rows:
+            return Tile(m, n, t.warps, t.stages)
+        if bad_n and n > 16:
+            n //= 2
+        elif bad_rows and m > 16 and m // 2 >= pack:
+            m //= 2
+        else:
+            raise ValueError(f"no kernel tile fits sparse block={sp_block} with {pack} packed heads; "
+                             "use a block that is a multiple of 128")
 
 
-def _tune_len(n: int) -> int:
-    return 1 << max(int(n) - 1, 1).bit_length()
+def _fused(sparse: bool) -> bool:
+    return OVERRIDE.get("fused", FUSED_BWD[sparse])
+
+
+# registers / spills of the last compiled launch per kernel name (read by the sweep)
+STATS: dict = {}
+
+
+def _run(kernel, grid, args, kw, tiles: dict, warps: int, stages: int):
+    h = kernel[grid](*args, **kw, **tiles, num_warps=warps, num_stages=stages)
+    if not INTERPRET and h is not None:
+        STATS[kernel.fn.__name__] = (getattr(h, "n_regs", None), getattr(h, "n_spills", None))
+
+
+def _launch(go, wide: bool):
+    """``go(small)`` picks its tiles, grid and arguments and launches; fp32 operands start small, and a GPU
+    without the shared memory for the tuned tiles gets one more try with small ones (grid recomputed)."""
+    try:
+        go(wide)
+    except triton.runtime.errors.OutOfResources:
+        if wide:
+            raise
+        go(True)
+
+
+def _idx64(*pairs: tuple) -> bool:
+    """True when (longest document) x (row stride) of some (len, tensor) pair may pass int32."""
+    return max(n * x.stride(0) for n, x in pairs) >= 2 ** 31 - 2 ** 20
 
 
 def _sparse_args(sparse: Optional[SparseArgs], device) -> tuple:
     if sparse is None:
         return torch.zeros(1, dtype=torch.int32, device=device), (128, 1, 0, 1)
     return sparse.dense_heads, (sparse.block, sparse.window_blocks, sparse.sink_blocks, sparse.stride)
+
+
+def _pack(pack: int) -> int:
+    # rows = BLOCK_M // PACK must be a power of two: other group sizes run unpacked (K/V shared through L2)
+    return pack if pack >= 1 and pack & (pack - 1) == 0 else 1
 
 
 # ----------------------------------------------------------------------------------------------- drivers
@@ -434,6 +589,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
     tq, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
+    pack = _pack(pack)
+    wide = q.element_size() > 2  # fp32 operands: small tiles
     if INTERPRET:  # the interpreter's bf16 dot is wrong (triton-lang/triton#11584): same kernel on fp32 copies
         q, k, v = q.float(), k.float(), v.float()
     if out is None:
@@ -441,15 +598,20 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
     lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
     dense, (spb, spw, sps, spst) = _sparse_args(sparse, q.device)
     n_docs = cu_q.numel() - 1
+    is_sparse = sparse is not None
+    n_hp = hq // pack
+    kw = dict(GROUP=group, PACK=pack, CAUSAL=causal, SPARSE=is_sparse, HEAD_DIM=d,
+              IDX64=_idx64((max_q, q), (max_q, out), (k.shape[0], k), (k.shape[0], v)))
 
-    def grid(meta):
-        return (triton.cdiv(max_q, meta["BLOCK_M"] // pack), n_docs, hq // pack)
+    def go(small: bool):
+        t = _tile("fwd", is_sparse, pack, spb if is_sparse else None, small)
+        n_tiles = triton.cdiv(max(max_q, 1), t.m // pack)
+        args = (q, k, v, out, lse, cu_q, cu_k, dense, scale * LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0), spb, spw, sps, spst, n_tiles, n_hp)
+        _run(_attn_fwd, (n_tiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t.m, BLOCK_N=t.n), t.warps, t.stages)
 
-    args = (q, k, v, out, lse, cu_q, cu_k, dense, scale * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), spb, spw, sps, spst, _tune_len(max_q))
-    kw = dict(GROUP=group, PACK=pack, CAUSAL=causal, SPARSE=sparse is not None, HEAD_DIM=d)
-    _launch(_fwd_tuned, _attn_fwd, grid, args, kw, spb)
+    _launch(go, wide)
     return out, lse
 
 
@@ -463,9 +625,13 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     group = hq // hkv
+    if sparse is None and pack == 1 and OVERRIDE.get("bwd_pack", BWD_PACK_DENSE):
+        pack = group
+    pack = _pack(pack)
     dq = torch.empty((tq, hq, d), dtype=grad_dtype or q.dtype, device=q.device)
     dk = torch.empty((tk, hkv, d), dtype=grad_dtype or k.dtype, device=q.device)
     dv = torch.empty((tk, hkv, d), dtype=grad_dtype or v.dtype, device=q.device)
+    wide = q.element_size() > 2
     if INTERPRET:  # see attention_forward
         q, k, v = q.float(), k.float(), v.float()
     delta = torch.empty_like(lse)
@@ -478,22 +644,37 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     do = do.to(q.dtype)
     dense, (spb, spw, sps, spst) = _sparse_args(sparse, q.device)
     n_docs = cu_q.numel() - 1
-    kw = dict(GROUP=group, PACK=pack, CAUSAL=causal, SPARSE=sparse is not None, HEAD_DIM=d)
+    is_sparse = sparse is not None
+    sp_block = spb if is_sparse else None
+    n_hp = hq // pack
+    kw = dict(GROUP=group, PACK=pack, CAUSAL=causal, SPARSE=is_sparse, HEAD_DIM=d,
+              IDX64=_idx64((max_q, q), (max_q, do), (max_q, dq), (max_k, k), (max_k, v), (max_k, dk),
+                           (max_k, dv)))
+    strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+                  do.stride(1))
     sp = (spb, spw, sps, spst)
+    qk_scale = scale * LOG2E
 
-    def grid_kv(meta):
-        return (triton.cdiv(max_k, meta["BLOCK_N"]), n_docs, hkv)
+    def go(small: bool):
+        t1 = _tile("dkdv", is_sparse, pack, sp_block, small)
+        t2 = _tile("dq", is_sparse, pack, sp_block, small)
+        n_kv_prog = triton.cdiv(max(max_k, 1), t1.n) * hkv
+        n_qtiles = triton.cdiv(max(max_q, 1), t2.m // pack)
+        if _fused(is_sparse):
+            args = (q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
+                    dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                    lse.stride(0), *sp, n_kv_prog, hkv, n_qtiles, n_hp)
+            _run(_attn_bwd, (n_kv_prog + n_qtiles * n_hp, n_docs), args, kw,
+                 dict(BLOCK_M1=t1.m, BLOCK_N1=t1.n, BLOCK_M2=t2.m, BLOCK_N2=t2.n), t1.warps, t1.stages)
+        else:
+            args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
+                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv)
+            _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw, dict(BLOCK_M=t1.m, BLOCK_N=t1.n), t1.warps,
+                 t1.stages)
+            args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
+                    dq.stride(0), dq.stride(1), lse.stride(0), *sp, n_qtiles, n_hp)
+            _run(_attn_bwd_dq, (n_qtiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t2.m, BLOCK_N=t2.n), t2.warps,
+                 t2.stages)
 
-    _launch(_dkdv_tuned, _attn_bwd_dkdv, grid_kv,
-            (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, scale * LOG2E, scale,
-             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, _tune_len(max_k)), kw, spb)
-
-    def grid_q(meta):
-        return (triton.cdiv(max_q, meta["BLOCK_M"] // pack), n_docs, hq // pack)
-
-    _launch(_dq_tuned, _attn_bwd_dq, grid_q,
-            (q, k, v, do, lse, delta, dq, cu_q, cu_k, dense, scale * LOG2E, scale,
-             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-             dq.stride(0), dq.stride(1), lse.stride(0), *sp, _tune_len(max_q)), kw, spb)
+    _launch(go, wide)
     return dq, dk, dv

@@ -15,6 +15,10 @@ plain causal linear attention on keys/values shifted right by W tokens (k'_t = p
 through the chunked kernel unchanged, and its state passes between context-parallel ranks unchanged.
 ``prefix_*`` hold the W tokens before the block (the previous rank's tail); without them the block is the
 sequence start.
+
+This file is the definition (plain torch: ``window_softmax_torch`` + the chunked linear kernel). On CUDA
+(and under TRITON_INTERPRET=1) for non-fp64 inputs, ``hybrid_parts`` and ``hybrid_attention`` run the fused
+Triton kernel of ``window.py`` instead (same maths; the tests compare the two).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import linear_attention
+from . import linear_attention, use_triton
 
 
 class HybridParts(NamedTuple):
@@ -109,6 +113,12 @@ def hybrid_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Te
     block's last W tokens, which the next block's prefix carries).
     """
     cd = _cd(q)
+    has_prefix = prefix_k is not None and prefix_k.shape[1] > 0
+    if window > 0 and use_triton(q) and (not has_prefix or (prefix_v is not None and prefix_fk is not None)):
+        return _hybrid_parts_fused(q, k, v, fq, fk, window=window, scale=scale,
+                                   prefix=(prefix_k, prefix_v, prefix_fk) if has_prefix else None,
+                                   initial_state=initial_state, initial_z=initial_z,
+                                   output_final_state=output_final_state)
     if window > 0:
         fk_lin = shift_right(fk, prefix_fk, window)
         v_lin = shift_right(v, prefix_v, window)
@@ -122,3 +132,55 @@ def hybrid_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Te
                                             prefix_v=prefix_v)
         num, den = num + num_w, den + den_w
     return HybridParts(num, den, lin.state, lin.z)
+
+
+def _hybrid_parts_fused(q, k, v, fq, fk, *, window, scale, prefix, initial_state, initial_z,
+                        output_final_state) -> HybridParts:
+    """``hybrid_parts`` through the fused kernel: the prefix is prepended (as extra keys; its query rows are
+    zeros and dropped), the initial state enters in torch (phi(q) S_0, phi(q) z_0), and the final state is
+    sum phi(k_j) v_j^T over every token that left the window (one einsum; autograd gives its gradient)."""
+    from .window import hybrid_window_linear
+
+    dt = q.dtype
+    p = 0
+    kx, vx, fkx = k, v.to(dt), fk.to(dt)
+    qx, fqx = q, fq.to(dt)
+    if prefix is not None:
+        p = min(prefix[0].shape[1], window)
+        kx, vx, fkx = (torch.cat([pre[:, -p:].to(dt), x], dim=1) for pre, x in zip(prefix, (kx, vx, fkx)))
+        qx, fqx = (torch.cat([x.new_zeros(x.shape[0], p, *x.shape[2:]), x], dim=1) for x in (qx, fqx))
+    num, den = hybrid_window_linear(qx, kx, vx, fqx, fkx, window=window, scale=scale, normalize=False)
+    num, den = num[:, p:], den[:, p:]
+    b, s, hq, f = fq.shape
+    hkv = k.shape[2]
+    cd = num.dtype
+    fqg = fq.to(cd).view(b, s, hkv, hq // hkv, f)
+    if initial_state is not None:
+        num = num + torch.einsum("bshgf,bhfv->bshgv", fqg, initial_state.to(cd)).reshape(num.shape)
+    if initial_z is not None:
+        den = den + torch.einsum("bshgf,bhf->bshg", fqg, initial_z.to(cd)).reshape(den.shape)
+    state = z = None
+    if output_final_state:
+        n_old = max(kx.shape[1] - window, 0)  # tokens of prefix + block that left the window
+        fk_o, v_o = fkx[:, :n_old].to(cd), vx[:, :n_old].to(cd)
+        state = torch.einsum("bthf,bthv->bhfv", fk_o, v_o)
+        z = fk_o.sum(1)
+        if initial_state is not None:
+            state = state + initial_state.to(cd)
+        if initial_z is not None:
+            z = z + initial_z.to(cd)
+    return HybridParts(num, den, state, z)
+
+
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, *,
+                     window: int, scale: float, eps: float) -> torch.Tensor:
+    """The normalised hybrid of one sequence per row: out = num / (den + eps) [B, S, Hq, V] in q's dtype.
+    Shapes as ``hybrid_parts``. The fused kernel writes the normalised output once (no fp32 num/den)."""
+    if window > 0 and use_triton(q):
+        from .window import hybrid_window_linear
+
+        dt = q.dtype
+        return hybrid_window_linear(q, k, v.to(dt), fq.to(dt), fk.to(dt), window=window, scale=scale, eps=eps,
+                                    normalize=True)[0]
+    p = hybrid_parts(q, k, v, fq, fk, window=window, scale=scale)
+    return (p.num / (p.den[..., None] + eps)).to(q.dtype)

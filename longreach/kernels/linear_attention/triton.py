@@ -129,7 +129,9 @@ def _fwd_o(q, k, v, h, zb, o, den, scale, T, NT,
 def _bwd_dh(q, do, dden, dh, dzb, dht, dzt, dh0, dz0, scale, T, NT,
             HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-            WITH_Z: tl.constexpr, F32: tl.constexpr):
+            WITH_Z: tl.constexpr, F32: tl.constexpr, LAG: tl.constexpr = 0):
+    # LAG > 0 (the hybrid of window.py): the queries of chunk n read the state entering chunk n - LAG, so
+    # dH[n] = sum over query chunks m > n + LAG; chunks past the end are masked out
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HKV: tl.constexpr = HQ // G
     b = (i_bh // HKV).to(tl.int64)
@@ -153,7 +155,7 @@ def _bwd_dh(q, do, dden, dh, dzb, dht, dzt, dh0, dz0, scale, T, NT,
         if WITH_Z:
             if i_v == 0:
                 tl.store(dzb + ((b * NT + i_t) * HKV + hk) * K + ok, zacc, mask=mk)
-        tt = i_t * BT + ot
+        tt = (i_t + LAG) * BT + ot
         mt = tt < T
         part = tl.zeros([BK, BV], dtype=tl.float32)
         for g in range(G):

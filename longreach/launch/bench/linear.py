@@ -1,11 +1,16 @@
 """``longreach bench kernels --linear``: our chunked linear-attention kernel vs flash-linear-attention's
-``chunk_linear_attn`` vs cuDNN dense causal SDPA, and the full student layer (feature map + window +
-linear), forward and forward+backward, in one run on one GPU.
+``chunk_linear_attn`` vs cuDNN dense causal SDPA, and the full student layer (hedgehog feature maps +
+fused window/linear hybrid kernel), forward and forward+backward, in one run on one GPU.
+
+The student layer is the 'linear' module as the distillation recipe builds it: LoLCATs defaults, window 64,
+hedgehog feature_dim 64 per KV head (128 features after [softmax(xW), softmax(-xW)]).
 
     python -m longreach.launch.bench.linear --seqlens 8192,32768,131072 --json out.json
 
 Inputs are random bf16 [1, S, H, D] (fresh per size); times are the median of ``triton.testing.do_bench``.
-``--check`` first compares our kernel with the fp64 reference (fp32 inputs) and with fla (bf16 inputs).
+``--check`` first compares our kernels with the fp64 references: the chunked kernel (fp32 inputs), the
+student layer (fp32 and bf16, output and every gradient incl. the feature maps' parameters) against the
+module's fp64 torch definition.
 """
 
 from __future__ import annotations
@@ -60,6 +65,36 @@ def check(device: torch.device) -> dict:
         names = ["o", "den", "state", "z", "dq", "dk", "dv", "dh0", "dz0"]
         errs = [_rel(a, b) for a, b in zip(list(out) + list(g), list(ref) + list(gr))]
         res[f"T{t}_H{hq}/{hkv}_K{kd}_V{vd}"] = dict(zip(names, errs))
+    res.update(check_student(device))
+    return res
+
+
+def check_student(device: torch.device) -> dict:
+    """The 'linear' module on the kernels (fp32, bf16) vs its fp64 torch definition on the same device."""
+    from ...attention.context import AttnContext
+    from ...attention.registry import AttnSpec, build
+
+    res = {}
+    for (t, hq, hkv, w) in [(1000, 8, 2, 64), (777, 4, 4, 100)]:
+        spec = AttnSpec("linear", 0, hq, hkv, 128, {"feature_map": "hedgehog", "window": w, "feature_dim": 64})
+        m64 = build(spec).to(device).double()
+        with torch.no_grad():
+            for p in m64.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        x64 = [torch.randn(2, t, h, 128, device=device, dtype=torch.float64) for h in (hq, hkv, hkv)]
+        xr = [x.clone().requires_grad_() for x in x64]
+        ref = m64(*xr, ctx=AttnContext())
+        wo = torch.randn_like(ref)
+        gr = torch.autograd.grad((ref * wo).sum(), xr + list(m64.parameters()))
+        for dt in (torch.float32, torch.bfloat16):
+            m = build(spec).to(device)
+            m.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+            xk = [x.to(dt).requires_grad_() for x in x64]
+            out = m(*xk, ctx=AttnContext())
+            g = torch.autograd.grad((out.double() * wo).sum(), xk + list(m.parameters()))
+            names = ["out", "dq", "dk", "dv"] + [f"d{n}" for n, _ in m.named_parameters()]
+            res[f"student_T{t}_H{hq}/{hkv}_W{w}_{str(dt)[6:]}"] = {
+                n: _rel(a, b) for n, a, b in zip(names, [out, *g], [ref, *gr])}
     return res
 
 
@@ -73,6 +108,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--feature-dim", type=int, default=64, help="hedgehog projection width (features = 2x)")
     ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
     ap.add_argument("--no-dense", action="store_true", help="skip cuDNN dense SDPA")
+    ap.add_argument("--no-torch-window", action="store_true", help="skip timing the old torch window path")
     ap.add_argument("--check", action="store_true", help="correctness checks before timing")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
@@ -92,7 +128,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.check:
         result["check"] = check(dev)
         for name, errs in result["check"].items():
-            print(name, " ".join(f"{k}={v:.2e}" for k, v in errs.items()), flush=True)
+            print(name, " ".join(f"{k_}={v_:.2e}" for k_, v_ in errs.items()), flush=True)
     fla = None
     if not args.no_fla:
         try:
@@ -138,28 +174,40 @@ def main(argv: Optional[list] = None) -> int:
         row["student_fwdbwd_ms"] = _bench(_fwd_bwd(student, [q, ks, vs] + list(layer.parameters()), do), budget)
         # where the student's time goes (fwd+bwd of each piece alone), to aim the next optimisation
         from ...kernels.linear_attention.hybrid import window_softmax_torch
+        from ...kernels.linear_attention.window import hybrid_window_linear
         fq, fk = (x.detach().requires_grad_() for x in (layer.feature_map_q(q), layer.feature_map_k(ks)))
         dsum = lambda f: (lambda: f().float().sum())  # noqa: E731
+        one = torch.ones((), device=dev)
         row["part_feature_maps_fwdbwd_ms"] = _bench(
             _fwd_bwd(dsum(lambda: layer.feature_map_q(q).float().sum() + layer.feature_map_k(ks).float().sum()),
-                     [q, ks] + list(layer.parameters()), torch.ones((), device=dev)), budget)
-        row["part_window_torch_fwdbwd_ms"] = _bench(
-            _fwd_bwd(dsum(lambda: window_softmax_torch(q, ks, vs, window=args.window, scale=scale)[0].sum()),
-                     [q, ks, vs], torch.ones((), device=dev)), budget)
+                     [q, ks] + list(layer.parameters()), one), budget)
+        hyb = lambda: hybrid_window_linear(q, ks, vs, fq, fk, window=args.window, scale=scale, eps=1e-6)[0]  # noqa: E731
+        with torch.no_grad():
+            row["part_hybrid_kernel_fwd_ms"] = _bench(hyb, budget)
+        row["part_hybrid_kernel_fwdbwd_ms"] = _bench(_fwd_bwd(hyb, [q, ks, vs, fq, fk], do), budget)
         row["part_linear_den_fwdbwd_ms"] = _bench(
             _fwd_bwd(dsum(lambda: chunk_linear_attention(fq, fk, vs, with_den=True).o.float().sum()),
-                     [fq, fk, vs], torch.ones((), device=dev)), budget)
+                     [fq, fk, vs], one), budget)
+        if not args.no_torch_window:  # the previous (torch, blocked) window path, for the record
+            row["part_window_torch_fwdbwd_ms"] = _bench(
+                _fwd_bwd(dsum(lambda: window_softmax_torch(q, ks, vs, window=args.window, scale=scale)[0].sum()),
+                         [q, ks, vs], one), budget)
         del fq, fk
         if "fla_fwdbwd_ms" in row:
             row["ours_over_fla_fwdbwd"] = row["ours_fwdbwd_ms"] / row["fla_fwdbwd_ms"]
         if "cudnn_fwdbwd_ms" in row:
             row["cudnn_over_student_fwdbwd"] = row["cudnn_fwdbwd_ms"] / row["student_fwdbwd_ms"]
+            bar = {32768: 6.0, 131072: 25.0}.get(s)  # issue 6's bar: student fwd+bwd this much faster than cuDNN
+            if bar is not None:
+                row["bar_cudnn_over_student"] = bar
+                row["meets_bar"] = row["cudnn_over_student_fwdbwd"] >= bar
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         del q, k, v, do, layer
         torch.cuda.empty_cache()
     cols = ["seqlen", "ours_fwd_ms", "fla_fwd_ms", "cudnn_fwd_ms", "student_fwd_ms", "ours_fwdbwd_ms", "fla_fwdbwd_ms",
-            "cudnn_fwdbwd_ms", "student_fwdbwd_ms", "ours_over_fla_fwdbwd", "cudnn_over_student_fwdbwd"]
+            "cudnn_fwdbwd_ms", "student_fwdbwd_ms", "ours_over_fla_fwdbwd", "cudnn_over_student_fwdbwd",
+            "part_feature_maps_fwdbwd_ms", "part_hybrid_kernel_fwdbwd_ms", "meets_bar"]
     print(" | ".join(cols))
     for r in result["rows"]:
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))

@@ -69,6 +69,9 @@ def _use_cpu_accelerator_without_shm_op() -> None:
     set_accelerator(_GlooOnlyCPUAccelerator())
 
 
+_SELF_FILLED = "LONGREACH_SINGLE_PROCESS_ENV"
+
+
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
     """Initialise torch.distributed and DeepSpeed's comm layer from torchrun's env vars.
 
@@ -76,9 +79,14 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     LOCAL_RANK=0, MASTER_ADDR=127.0.0.1, a free MASTER_PORT) so DeepSpeed does not go looking for mpi4py.
     ``backend`` defaults to nccl when CUDA is available and gloo otherwise. Idempotent.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    # a child process inherits the variables we filled in for its parent; those are not a launcher's
+    # (a launcher that started us sets its own MASTER_PORT, so only an unchanged port marks inherited values)
+    filled_port, _, filled_pid = os.environ.get(_SELF_FILLED, "::").partition(":")
+    inherited = filled_port == os.environ.get("MASTER_PORT") and filled_pid != str(os.getpid())
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or inherited:
         port = free_port()
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ[_SELF_FILLED] = f"{port}:{os.getpid()}"
         log.info("no launcher environment: running as a single process (MASTER_PORT=%d)", port)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -27,6 +27,10 @@ How ``model.attention`` relates to ``parallel.strategy`` (the one place this is 
   the softmax layers come from 'dense' (flat options went to the non-dense layers, i.e. the linear ones; they are
   re-keyed to 'linear' so the renamed softmax layers do not receive them).
 
+Shard layout (``plan.py``): packed documents are zigzagged one by one ('per_doc', balanced causal work) unless a
+layer is 'linear', whose state passing needs contiguous chunks of the row: then the row is zigzagged as a whole
+('global'), logged once.
+
 Evaluation runs on every rank with ``ctx.parallel=None``: the CP entries then attend over the whole row locally.
 """
 
@@ -98,6 +102,12 @@ def _cp_options(mc, want: str, cp: int) -> dict:
                           f"softmax attention '{want}', which takes no options; key them by name, e.g. "
                           f"model.attention_options={{'linear': {opts}}}, or set parallel.cp=1")
     return {name: opts for name in STATE_PASSING}
+
+
+def shard_layout(mc) -> str:
+    """The shard plan's layout for model config ``mc``: 'global' when any layer is state-passing ('linear'),
+    else 'per_doc' (see the module docstring)."""
+    return "global" if set(_layer_names(mc)) & set(STATE_PASSING) else "per_doc"
 
 
 def cp_attention_name(cfg) -> str:
@@ -173,6 +183,10 @@ def setup_parallel(cfg, dist, *, num_heads: int, num_kv_heads: int, comm: Any = 
     except ValueError as e:  # mesh/ulysses raise ValueError with the field and the fix: the user's error family
         raise ConfigError(str(e)) from None
     mesh = build_mesh(cp=par.cp, ulysses=par.ulysses, strategy=par.strategy, world_size=dist.world, rank=dist.rank)
+    layout = shard_layout(cfg.model)
+    if layout == "global":
+        log.info("model has 'linear' layers: packed documents are sharded with one zigzag over the row (layout="
+                 "'global'), since state passing needs contiguous chunks")
     return ParallelSetup(mesh=mesh, dp_group=mesh.dp_group, sp_group=mesh.cp_group,
-                         shard_fn=make_shard_fn(mesh, comm=comm), attention_name=name, dp=mesh.dp,
+                         shard_fn=make_shard_fn(mesh, comm=comm, layout=layout), attention_name=name, dp=mesh.dp,
                          dp_rank=mesh.dp_rank)

@@ -70,23 +70,27 @@ def _exact_worker(rank, world, outdir):
         mesh = build_mesh(cp=world, ulysses=uly, strategy=strategy)
         comm = Comm()
         for hq, hkv in _heads(world):
-            for causal, packed, s in ((True, False, 48), (True, True, 37), (False, True, 45)):
+            # packed cases run under both layouts: one zigzag over the row, and one per document
+            for causal, packed, s, layout in ((True, False, 48, "global"), (True, True, 37, "global"),
+                                              (True, True, 37, "per_doc"), (False, True, 45, "per_doc")):
                 q, k, v, dout = _inputs(b, s, hq, hkv, d, torch.float64, seed=s + hq)
                 cu = random_cu_seqlens(b, s, torch.Generator().manual_seed(s)) if packed else None
                 qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
                 ref, ref_lse = dense_reference(qr, kr, vr, causal=causal, cu_seqlens=cu)
                 ref.backward(dout)
                 plan = ShardPlan(batch_size=b, seq_len=s, ring=mesh.ring, ulysses=mesh.ulysses, ring_rank=mesh.ring_rank,
-                                 ulysses_rank=mesh.ulysses_rank, cu_seqlens=cu)
+                                 ulysses_rank=mesh.ulysses_rank, cu_seqlens=cu, layout=layout)
+                assert plan.layout == layout
                 out, lse, dq, dk, dv, fwd, bwd = _run_cp(mesh, plan, q, k, v, dout, causal, torch.float64, comm)
-                real = plan.index() < s  # pad tokens are not in the reference
-                name = f"W={world} {strategy} U={uly} hq={hq} hkv={hkv} causal={causal} packed={packed} S={s}"
+                real = plan.token_index() < s  # [B, S_local]: pad tokens are not in the reference
+                name = (f"W={world} {strategy} U={uly} hq={hq} hkv={hkv} causal={causal} packed={packed} S={s} "
+                        f"layout={layout}")
                 for t, got, want, dim in (("out", out, ref, 1), ("lse", lse, ref_lse.transpose(1, 2), 1),
                                           ("dq", dq, qr.grad, 1), ("dk", dk, kr.grad, 1), ("dv", dv, vr.grad, 1)):
                     got = got.transpose(1, 2) if t == "lse" else got
-                    torch.testing.assert_close(got[:, real], plan.shard(want)[:, real], atol=1e-12, rtol=0,
+                    torch.testing.assert_close(got[real], plan.shard(want)[real], atol=1e-12, rtol=0,
                                                msg=lambda m: f"{name} {t}: {m}")
-                    errs[f"{name} {t}"] = float((got.detach()[:, real] - plan.shard(want.detach())[:, real]).abs().max())
+                    errs[f"{name} {t}"] = float((got.detach()[real] - plan.shard(want.detach())[real]).abs().max())
                 want_fwd, want_bwd = _expected_counts(mesh.ring, mesh.ulysses, return_lse=True)
                 assert fwd == want_fwd, f"{name}: forward collectives {fwd}, schedule says {want_fwd}"
                 assert bwd == want_bwd, f"{name}: backward collectives {bwd}, schedule says {want_bwd}"

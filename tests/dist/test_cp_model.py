@@ -1,7 +1,7 @@
 """Model level: a tiny Llama trained 3 SGD steps under CP (ring, Ulysses, hybrid, and dp x cp) through the
 ``shard_fn`` hook matches the single-process model with 'dense' attention on the same global batch:
-per-step losses to 1e-5 (fp32) and gradients close. Exercises labels/positions after zigzag, padding of odd
-lengths, packed documents and the global real-token loss normalisation."""
+per-step losses to 1e-5 (fp32) and gradients close. Exercises labels/positions after zigzag (row-wide and
+per-document layouts), padding of odd lengths, packed documents and the global real-token loss normalisation."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _check_mesh(mesh):
 def _worker(rank, world, outdir, configs):
     rows_per_dp, s = 2, 37
     report = {}
-    for strategy, cp, uly in configs:
+    for strategy, cp, uly, layout in configs:
         mesh = build_mesh(cp=cp, ulysses=uly, strategy=strategy)
         _check_mesh(mesh)
         batch = _global_batch(rows_per_dp * mesh.dp, s, seed=11)
@@ -82,7 +82,8 @@ def _worker(rank, world, outdir, configs):
         cu = torch.tensor([0] + [c - mine.start * s for c in batch.cu_seqlens.tolist()
                                   if mine.start * s < c <= mine.stop * s], dtype=torch.int32)
         dp_batch = Batch(batch.input_ids[mine], batch.labels[mine], batch.position_ids[mine], cu)
-        local, ctx = make_shard_fn(mesh)(dp_batch)
+        local, ctx = make_shard_fn(mesh, layout=layout)(dp_batch)
+        assert ctx.parallel.layout == layout
         m = _model(strategy)
         opt = torch.optim.SGD(m.parameters(), lr=LR)
         losses = []
@@ -96,22 +97,24 @@ def _worker(rank, world, outdir, configs):
             if step == 0:
                 for k, p in m.named_parameters():
                     torch.testing.assert_close(p.grad, ref_grads[k], atol=2e-5, rtol=1e-4,
-                                               msg=lambda msg: f"{strategy} cp={cp} U={uly} grad {k}: {msg}")
+                                               msg=lambda msg: f"{strategy} cp={cp} U={uly} {layout} grad {k}: {msg}")
             opt.step()
             lsum = loss.detach().clone()
             dist.all_reduce(lsum, group=mesh.dp_cp_group)
             losses.append(float(lsum))
         diff = max(abs(a - b) for a, b in zip(losses, ref_losses))
-        assert diff <= 1e-5, f"{strategy} cp={cp} U={uly}: losses {losses} vs single-process {ref_losses}"
-        report[f"{strategy} dp={mesh.dp} cp={cp} U={uly}"] = {"losses": losses, "ref": ref_losses, "max_diff": diff}
+        assert diff <= 1e-5, f"{strategy} cp={cp} U={uly} {layout}: losses {losses} vs single-process {ref_losses}"
+        report[f"{strategy} dp={mesh.dp} cp={cp} U={uly} {layout}"] = {"losses": losses, "ref": ref_losses,
+                                                                       "max_diff": diff}
     if rank == 0:
         with open(f"{outdir}/model_{world}.json", "w") as f:
             json.dump(report, f)
 
 
 @pytest.mark.parametrize("world,configs", [
-    (2, [("ring", 2, 1), ("ulysses", 2, 2)]),
-    (4, [("hybrid", 4, 2), ("ring", 2, 1), ("ulysses", 4, 4)]),  # ring cp=2 at world 4 is dp=2 x cp=2
+    (2, [("ring", 2, 1, "global"), ("ring", 2, 1, "per_doc"), ("ulysses", 2, 2, "global")]),
+    # ring cp=2 at world 4 is dp=2 x cp=2
+    (4, [("hybrid", 4, 2, "per_doc"), ("ring", 2, 1, "global"), ("ring", 2, 1, "per_doc"), ("ulysses", 4, 4, "global")]),
 ])
 def test_cp_model_matches_single_process(world, configs, tmp_path):
     spawn(_worker, world, str(tmp_path), configs)

@@ -15,7 +15,7 @@ positions 0..S-1 and no ``cu_seqlens``, and labels cross document boundaries (eo
 
 from __future__ import annotations
 
-from ..errors import ConfigError, ConfigPathError
+from ..errors import ConfigError
 import hashlib
 import logging
 import os

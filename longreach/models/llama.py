@@ -5,7 +5,7 @@ per-batch ``AttnContext``, never here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from typing import Optional, Sequence
 
 import torch

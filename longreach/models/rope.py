@@ -12,7 +12,7 @@ an explicit ``seq_len`` (for evaluation code and tests) but refuses to build a m
 
 from __future__ import annotations
 
-from ..errors import ConfigError, ConfigPathError
+from ..errors import ConfigError
 import dataclasses
 import logging
 import math

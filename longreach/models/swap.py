@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError, ConfigPathError
+from ..errors import ConfigError
 import logging
 
 from ..attention import registry

@@ -84,7 +84,7 @@ def local_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     in the compute dtype (callers accumulate them across blocks).
     """
     b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     ct = _compute_dtype(q.dtype)

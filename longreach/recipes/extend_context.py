@@ -92,7 +92,6 @@ def evaluate_only(cfg: RunConfig) -> dict:
 def run(cfg: RunConfig, demo: bool = False) -> dict:
     from ..data.packing import batches
     from ..launch.trainer import Trainer
-    from ..models import save_pretrained
     from ..parallel.setup import cp_model_config, setup_parallel
 
     t_start = time.perf_counter()

@@ -64,6 +64,19 @@ def test_flash_fused_backward(monkeypatch):
     check_against_reference(rand(100, 4, 64), rand(100, 2, 64), rand(100, 2, 64), cu)
 
 
+def test_flash_atomic_dq_backward(monkeypatch):
+    """dq added by the dk/dv programs with atomics (no dq pass) gives the same gradients: packed documents,
+    GQA, odd lengths, and the ring's block backward with fp32 gradients."""
+    from longreach.kernels.flash import triton as tk
+
+    monkeypatch.setitem(tk.OVERRIDE, "atomic_dq", True)
+    torch.manual_seed(9)
+    cu = torch.tensor([0, 45, 46, 133], dtype=torch.int32)
+    check_against_reference(rand(133, 4, 64), rand(133, 2, 64), rand(133, 2, 64), cu)
+    check_against_reference(rand(1, 77, 2, 64), rand(1, 77, 1, 64), rand(1, 77, 1, 64), None, causal=False)
+    test_partitioned_lse_merge_and_block_backward()
+
+
 def test_out_of_resources_relaunches_with_small_tiles(monkeypatch):
     """A GPU without the shared memory for the tuned tiles: the launch is redone with small tiles and a grid
     recomputed for them (forward and backward), so every row is still written."""

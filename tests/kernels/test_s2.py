@@ -59,6 +59,16 @@ def test_s2_packed_documents_restart_pattern():
     run_case(230, 2, 1, S2Pattern(block=32, window=32, sink=32, stride=2), docs=[0, 97, 98, 230])
 
 
+def test_s2_atomic_dq_backward(monkeypatch):
+    """dq from the dk/dv programs' atomics (no dq pass) on the sparse walk: same gradients."""
+    from longreach.kernels.flash import triton as tk
+
+    monkeypatch.setitem(tk.OVERRIDE, "atomic_dq", True)
+    torch.manual_seed(6)
+    run_case(267, 4, 2, S2Pattern(block=16, window=32, sink=16, stride=3))
+    run_case(230, 2, 1, S2Pattern(block=32, window=32, sink=32, stride=2), docs=[0, 97, 98, 230])
+
+
 def test_heads_together_cover_context():
     p = S2Pattern(block=16, window=16, sink=0, stride=4)
     m = p.token_mask(128, 4)  # [Hkv, S, S]

@@ -223,9 +223,9 @@ def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, st
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, lo, hi, cols, qk_scale,
-                stride_qt, stride_qh, stride_dot, stride_doh,
+                stride_qt, stride_qh, stride_dot, stride_doh, dq_base, stride_dqt, stride_dqh, sm_scale,
                 MASK_CAUSAL: tl.constexpr, MASK_ROWS: tl.constexpr, IDX64: tl.constexpr, PACK: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_M // PACK
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -252,8 +252,16 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head
             pT = tl.where(cols[:, None] <= tok[None, :], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk)
+        if ATOMIC_DQ:
+            # this KV tile's share of dq, added into the fp32 dq buffer (no separate dq pass)
+            dq = tl.dot(tl.trans(dsT), k) * sm_scale
+            dq_ptrs = dq_base + t[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :]
+            if MASK_ROWS:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -261,10 +269,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head
 def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-               sp_block, sp_window, sp_sink, sp_stride, N_KV,
+               sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
                GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
     hkv = pid % N_KV
     pid_n = pid // N_KV
@@ -297,6 +305,7 @@ def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale
             q_hi = tl.where(everyone, q_len, tl.minimum(q_len, (kb + sp_window) * sp_block))
         q_base = Q + q_start.to(tl.int64) * stride_qt
         do_base = DO + q_start.to(tl.int64) * stride_dot
+        dq_base = DQ + q_start.to(tl.int64) * stride_dqt
         if CAUSAL:
             mid = tl.minimum(j0 + BLOCK_N, q_hi)
             lo = mid
@@ -311,13 +320,16 @@ def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale
             if CAUSAL:  # the diagonal: causal mask (and rows past the document)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, j0, mid,
                                      cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
-                                     True, True, IDX64, PACK, BLOCK_M, HEAD_DIM)
+                                     dq_base, stride_dqt, stride_dqh, sm_scale,
+                                     True, True, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, lo, full_hi,
                                  cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
-                                 False, False, IDX64, PACK, BLOCK_M, HEAD_DIM)
+                                 dq_base, stride_dqt, stride_dqh, sm_scale,
+                                 False, False, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, full_hi, q_hi,
                                  cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
-                                 False, True, IDX64, PACK, BLOCK_M, HEAD_DIM)
+                                 dq_base, stride_dqt, stride_dqh, sm_scale,
+                                 False, True, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
         dk = dk * sm_scale
         dk_base = DK + k_start.to(tl.int64) * stride_dkt + hkv * stride_dkh
         dv_base = DV + k_start.to(tl.int64) * stride_dvt + hkv * stride_dvh
@@ -434,8 +446,8 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, DENSE, qk_scale, 
         _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                   sp_block, sp_window, sp_sink, sp_stride, N_KV,
-                   GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M1, BLOCK_N1)
+                   sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
+                   GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M1, BLOCK_N1, False)
     else:
         _dq_body(pid - N_KV_PROG, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -448,15 +460,16 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, DENSE, qk_scale, 
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                   sp_block, sp_window, sp_sink, sp_stride, N_KV,
+                   sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
                    GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                    IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    # ATOMIC_DQ: DQ is an fp32 buffer [Tq, Hq, D] (zeroed) that receives every KV tile's share of dq
     _dkdv_body(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-               sp_block, sp_window, sp_sink, sp_stride, N_KV,
-               GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N)
+               sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
+               GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ATOMIC_DQ)
 
 
 @triton.jit(do_not_specialize=['N_HP', 'N_QTILES', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
@@ -497,11 +510,16 @@ TILES: dict = {
     ("dkdv", True): Tile(64, 128, 8, 3),
     ("dq", False): Tile(128, 64, 8, 3),
     ("dq", True): Tile(128, 64, 8, 3),
+    ("dkdv_atomic", False): Tile(64, 128, 8, 2),
+    ("dkdv_atomic", True): Tile(64, 128, 8, 2),
 }
 # dk/dv and dq as two halves of one launch (warps/stages from the dk/dv tile): measured equal to two launches
 # (32K: 56.6 vs 55.8 ms dense, 14.1 vs 14.1 S2), and one fused variant (dq tile 128x128) computed wrong
 # gradients on the H100 (Triton 3.6, heavy spills), so two launches stay the default
 FUSED_BWD = {False: False, True: False}
+# dq without its own pass: every dk/dv program adds its KV tile's share of dq (ds k) into an fp32 buffer with
+# atomics (5 matmuls per tile pair instead of 7, as FlashAttention-2/3's backward)
+ATOMIC_DQ = {False: False, True: False}
 # the dense backward packs the GQA group into the tile rows (as S2 does): the group loop inside dk/dv then has
 # one trip, and register spills fall from ~400 to ~50 (32K: 55.8 vs 57.1 ms)
 BWD_PACK_DENSE = True
@@ -525,7 +543,7 @@ def _tile(kernel: str, sparse: bool, pack: int, sp_block: Optional[int], small: 
         rows = m // pack
         bad_n = sp_block is not None and sp_block % n
         bad_rows = rows < 1 or m % pack or (sp_block is not None and sp_block % rows) or \
-            (kernel == "dkdv" and n % rows)
+            (kernel.startswith("dkdv") and n % rows)
         if not bad_n and not bad_rows:
             return Tile(m, n, t.warps, t.stages)
         if bad_n and n > 16:
@@ -539,6 +557,10 @@ def _tile(kernel: str, sparse: bool, pack: int, sp_block: Optional[int], small: 
 
 def _fused(sparse: bool) -> bool:
     return OVERRIDE.get("fused", FUSED_BWD[sparse])
+
+
+def _atomic_dq(sparse: bool) -> bool:
+    return OVERRIDE.get("atomic_dq", ATOMIC_DQ[sparse])
 
 
 # registers / spills of the last compiled launch per kernel name (read by the sweep)
@@ -655,8 +677,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     sp = (spb, spw, sps, spst)
     qk_scale = scale * LOG2E
 
+    atomic = _atomic_dq(is_sparse)
+    dq_acc = None
+    if atomic:  # dq summed over KV tiles in fp32 (the fp32 result doubles as the ring's fp32 dq)
+        dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else torch.empty(
+            (tq, hq, d), dtype=torch.float32, device=q.device)
+
     def go(small: bool):
-        t1 = _tile("dkdv", is_sparse, pack, sp_block, small)
+        t1 = _tile("dkdv_atomic" if atomic else "dkdv", is_sparse, pack, sp_block, small)
         t2 = _tile("dq", is_sparse, pack, sp_block, small)
         n_kv_prog = triton.cdiv(max(max_k, 1), t1.n) * hkv
         n_qtiles = triton.cdiv(max(max_q, 1), t2.m // pack)
@@ -666,15 +694,25 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                     lse.stride(0), *sp, n_kv_prog, hkv, n_qtiles, n_hp)
             _run(_attn_bwd, (n_kv_prog + n_qtiles * n_hp, n_docs), args, kw,
                  dict(BLOCK_M1=t1.m, BLOCK_N1=t1.n, BLOCK_M2=t2.m, BLOCK_N2=t2.n), t1.warps, t1.stages)
+        elif atomic:
+            dq_acc.zero_()
+            args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
+                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
+                    dq_acc, dq_acc.stride(0), dq_acc.stride(1))
+            _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
+                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=True), t1.warps, t1.stages)
         else:
             args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
-                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv)
-            _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw, dict(BLOCK_M=t1.m, BLOCK_N=t1.n), t1.warps,
-                 t1.stages)
+                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
+                    dq, dq.stride(0), dq.stride(1))
+            _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
+                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=False), t1.warps, t1.stages)
             args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dq.stride(0), dq.stride(1), lse.stride(0), *sp, n_qtiles, n_hp)
             _run(_attn_bwd_dq, (n_qtiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t2.m, BLOCK_N=t2.n), t2.warps,
                  t2.stages)
 
     _launch(go, wide)
+    if atomic and dq_acc is not dq:
+        dq.copy_(dq_acc)
     return dq, dk, dv

@@ -13,7 +13,7 @@ backward  _bwd_dh   reverse-sequential: dH[n] = d(final) + scale * sum_{m > n} q
           _bwd_dk   parallel over (K block, chunk, batch x KV head), loops over the query heads of the group
           _bwd_dv   parallel over (V block, chunk, batch x KV head), likewise
 
-Layout: q [B, T, Hq, K], k [B, T, Hkv, K], v [B, T, Hkv, V], contiguous. Chunk size BT = 64. T need not be
+Layout: q [B, T, Hq, K], k [B, T, Hkv, K], v [B, T, Hkv, V], contiguous. Chunk size ``FWD.bt`` (128; 64 in the window hybrid). T need not be
 a multiple of BT (masked loads). Under TRITON_INTERPRET=1 the dots run in fp32 (the interpreter's bf16
 ``tl.dot`` is wrong, triton-lang/triton#11584).
 """
@@ -21,6 +21,7 @@ a multiple of BT (masked loads). Under TRITON_INTERPRET=1 the dots run in fp32 (
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -326,36 +327,65 @@ def _f32(q: torch.Tensor) -> bool:
     return _INTERPRET or q.dtype == torch.float32
 
 
+@dataclass(frozen=True)
+class FwdCfg:
+    """Forward launch config of the plain kernel: chunk size (the backward follows it), the state pass's
+    (BK, BV, warps, stages) and the output pass's (BK, BV, warps, stages). BK/BV are capped at the head dims;
+    fp32 inputs keep 64-wide output tiles (shared memory)."""
+
+    bt: int = 128
+    h_bk: int = 64
+    h_bv: int = 128
+    h_warps: int = 4
+    h_stages: int = 4
+    o_bk: int = 64
+    o_bv: int = 128
+    o_warps: int = 8
+    o_stages: int = 4
+
+
+# defaults: the H100 sweep's pick (longreach/launch/bench/linear_sweep.py, bench/results/
+# linear_fwd_sweep_h100_2026-11-24.json): 128-token chunks halve the chunk states written and read (forward
+# 0.81 vs 1.02 ms at 32K for 64-token chunks with the old tiles; fla 0.97); the sweep replaces FWD
+FWD = FwdCfg()
+
+
 def _fwd(q, k, v, scale, h0, z0, with_den, want_final):
     f32 = _f32(q)
+    cfg = FWD
+    bt = cfg.bt
     b, t, hq, kd = q.shape
     hkv, vd = k.shape[2], v.shape[3]
     g = hq // hkv
-    nt = triton.cdiv(t, BT)
-    bk, bv = _blocks(kd, vd)
+    nt = triton.cdiv(t, bt)
+    bk, bv = (min(cfg.h_bk, _pow2(kd)), min(cfg.h_bv, _pow2(vd))) if not f32 else _blocks(kd, vd)
     dev = q.device
     h = torch.empty(b, nt, hkv, kd, vd, device=dev, dtype=q.dtype)
     zb = torch.empty(b, nt, hkv, kd, device=dev, dtype=torch.float32) if with_den else None
     ht = torch.empty(b, hkv, kd, vd, device=dev, dtype=torch.float32) if want_final else None
     zt = torch.empty(b, hkv, kd, device=dev, dtype=torch.float32) if (want_final and with_den) else None
     _fwd_h[(triton.cdiv(kd, bk), triton.cdiv(vd, bv), b * hkv)](
-        k, v, h, zb, h0, z0, ht, zt, t, nt, HKV=hkv, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
-        USE_H0=h0 is not None, STORE_HT=want_final, WITH_Z=with_den, F32=f32, num_warps=4)
+        k, v, h, zb, h0, z0, ht, zt, t, nt, HKV=hkv, K=kd, V=vd, BT=bt, BK=bk, BV=bv,
+        USE_H0=h0 is not None, STORE_HT=want_final, WITH_Z=with_den, F32=f32, num_warps=cfg.h_warps,
+        num_stages=cfg.h_stages)
     o = torch.empty(b, t, hq, vd, device=dev, dtype=q.dtype)
     den = torch.empty(b, t, hq, device=dev, dtype=torch.float32) if with_den else None
-    bk_o = min(128 if q.element_size() == 2 else 64, _pow2(kd))  # fp32 tiles of 128 overflow shared memory
-    _fwd_o[(triton.cdiv(vd, bv), nt, b * hq)](
-        q, k, v, h, zb, o, den, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk_o, BV=bv,
-        WITH_Z=with_den, F32=f32, num_warps=4)
-    return o, den, ht, zt, h, zb
+    if f32:  # fp32 tiles of 128 overflow shared memory
+        bk_o, bv_o = min(64, _pow2(kd)), min(64, _pow2(vd))
+    else:
+        bk_o, bv_o = min(cfg.o_bk, _pow2(kd)), min(cfg.o_bv, _pow2(vd))
+    _fwd_o[(triton.cdiv(vd, bv_o), nt, b * hq)](
+        q, k, v, h, zb, o, den, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=bt, BK=bk_o, BV=bv_o,
+        WITH_Z=with_den, F32=f32, num_warps=cfg.o_warps, num_stages=cfg.o_stages)
+    return o, den, ht, zt, h, zb, bt
 
 
-def _bwd(q, k, v, h, zb, do, dden, dht, dzt, scale, want_dh0, want_dz0):
+def _bwd(q, k, v, h, zb, do, dden, dht, dzt, scale, want_dh0, want_dz0, bt=BT):
     f32 = _f32(q)
     b, t, hq, kd = q.shape
     hkv, vd = k.shape[2], v.shape[3]
     g = hq // hkv
-    nt = triton.cdiv(t, BT)
+    nt = triton.cdiv(t, bt)
     bk, bv = _blocks(kd, vd)
     dev = q.device
     with_den = dden is not None
@@ -368,27 +398,27 @@ def _bwd(q, k, v, h, zb, do, dden, dht, dzt, scale, want_dh0, want_dz0):
     if with_den and dht is None and dzt is not None:
         dht = torch.zeros(b, hkv, kd, vd, device=dev, dtype=torch.float32)
     _bwd_dh[(triton.cdiv(kd, bk), triton.cdiv(vd, bv), b * hkv)](
-        q, do, dden, dh, dzb, dht, dzt, dh0, dz0, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
+        q, do, dden, dh, dzb, dht, dzt, dh0, dz0, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=bt, BK=bk, BV=bv,
         USE_DHT=dht is not None, STORE_DH0=want_dh0, WITH_Z=with_den, F32=f32, num_warps=4)
     dq = torch.empty_like(q)
     _bwd_dq[(triton.cdiv(kd, bk), nt, b * hq)](
-        k, v, h, zb, do, dden, dq, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
+        k, v, h, zb, do, dden, dq, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=bt, BK=bk, BV=bv,
         WITH_Z=with_den, F32=f32, num_warps=4)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _bwd_dk[(triton.cdiv(kd, bk), nt, b * hkv)](
-        q, v, dh, dzb, do, dden, dk, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv,
+        q, v, dh, dzb, do, dden, dk, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=bt, BK=bk, BV=bv,
         WITH_Z=with_den, F32=f32, num_warps=4)
     _bwd_dv[(triton.cdiv(vd, bv), nt, b * hkv)](
-        q, k, dh, do, dv, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=BT, BK=bk, BV=bv, F32=f32, num_warps=4)
+        q, k, dh, do, dv, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=bt, BK=bk, BV=bv, F32=f32, num_warps=4)
     return dq, dk, dv, dh0, (dz0 if want_dz0 else None)
 
 
 class _ChunkLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, h0, z0, scale, with_den, want_final):
-        o, den, ht, zt, h, zb = _fwd(q, k, v, scale, h0, z0, with_den, want_final)
+        o, den, ht, zt, h, zb, bt = _fwd(q, k, v, scale, h0, z0, with_den, want_final)
         ctx.save_for_backward(q, k, v, h, zb)
-        ctx.scale, ctx.with_den = scale, with_den
+        ctx.scale, ctx.with_den, ctx.bt = scale, with_den, bt
         ctx.has_h0, ctx.has_z0 = h0 is not None, z0 is not None
         return o, den, ht, zt
 
@@ -400,7 +430,7 @@ class _ChunkLinearAttn(torch.autograd.Function):
         dq, dk, dv, dh0, dz0 = _bwd(q, k, v, h, zb, do.contiguous(), dden,
                                     None if dht is None else dht.contiguous().float(),
                                     None if dzt is None else dzt.contiguous().float(),
-                                    ctx.scale, ctx.has_h0 or ctx.has_z0, ctx.has_z0)
+                                    ctx.scale, ctx.has_h0 or ctx.has_z0, ctx.has_z0, ctx.bt)
         return (dq, dk, dv, dh0 if ctx.has_h0 else None, dz0, None, None, None)
 
 

@@ -65,7 +65,42 @@ def check(device: torch.device) -> dict:
         names = ["o", "den", "state", "z", "dq", "dk", "dv", "dh0", "dz0"]
         errs = [_rel(a, b) for a, b in zip(list(out) + list(g), list(ref) + list(gr))]
         res[f"T{t}_H{hq}/{hkv}_K{kd}_V{vd}"] = dict(zip(names, errs))
+    res.update(check_bf16(device))
     res.update(check_student(device))
+    return res
+
+
+def check_bf16(device: torch.device) -> dict:
+    """bf16 inputs: kernel (default forward config, and 64-token chunks) and fla vs fp64 on the same inputs."""
+    import dataclasses
+
+    from ...kernels.linear_attention import linear_attention_quadratic
+    from ...kernels.linear_attention import triton as lt
+
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn as fla
+    except ImportError:
+        fla = None
+    torch.manual_seed(1)
+    t, h, d = 4096, 4, 128
+    q, k, v = ((torch.randn(1, t, h, d, device=device) * s_).bfloat16().requires_grad_()
+               for s_ in (d ** -0.5, d ** -0.5, 1.0))
+    do = torch.randn(1, t, h, d, device=device).bfloat16()
+    ref = linear_attention_quadratic(*(x.double() for x in (q, k, v)), scale=0.5).o
+    gref = torch.autograd.grad(ref, [q, k, v], do.double())
+    fns = {}
+    base = lt.FWD
+    for name, cfg in (("default", base), ("bt64", dataclasses.replace(base, bt=64, h_bv=64, o_bk=128, o_bv=64))):
+        fns[name] = (cfg, lambda: lt.chunk_linear_attention(q, k, v, scale=0.5).o)
+    if fla is not None:
+        fns["fla"] = (base, lambda: fla(q, k, v, scale=0.5, normalize=False)[0])
+    res = {}
+    for name, (cfg, fn) in fns.items():
+        lt.FWD = cfg
+        o = fn()
+        g = torch.autograd.grad(o, [q, k, v], do)
+        res[f"bf16_T{t}_{name}"] = {n: _rel(a, b) for n, a, b in zip(["o", "dq", "dk", "dv"], [o, *g], [ref, *gref])}
+    lt.FWD = base
     return res
 
 

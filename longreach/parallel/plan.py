@@ -56,7 +56,7 @@ already shifted (``Batch`` contract), so sharding never needs a neighbour's toke
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -102,6 +102,8 @@ class CPAttnInfo:
     per row and no pad. Same tensor on every CP rank."""
     layout: str = "global"
     """The plan's layout ('global' | 'per_doc'); the linear fields above are None under 'per_doc'."""
+    block_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    """The ring's kernel segments per (query slot, key slot, sub-block), built on first use (``kernel_block.py``)."""
 
 
 def _zigzag_slot(r: int, ring: int, chunk: int) -> torch.Tensor:

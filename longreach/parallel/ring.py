@@ -9,6 +9,10 @@ query chunk, or no shared document) are skipped. With the causal zigzag this is 
 diagonal step computes 3 of 4 sub-blocks, a step with an earlier slot computes the first key chunk only, a step
 with a later slot the second query chunk only, i.e. every rank does the same work.
 
+Local blocks: the Triton flash kernels (``kernel_block.py``: varlen segments per sub-block, fp32 out/lse, the
+backward given the final merged rows) for bf16/fp16 on GPU or under the interpreter; the plain-torch block
+(``local.py``, fp64-capable: the exactness tests) otherwise.
+
 Collectives (R = ring size > 1): forward R-1 ring exchanges (K and V stacked in one buffer, heads never
 repeated for GQA); backward R-1 KV exchanges + R dK/dV exchanges.
 """
@@ -19,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .kernel_block import block_backward, block_forward, block_segments, use_block_kernel
 from .local import local_attention, local_attention_backward
 from .merge import merge_
 from .plan import CPAttnInfo
@@ -54,6 +59,17 @@ def _mask_args(info: CPAttnInfo, pos: torch.Tensor, doc: Optional[torch.Tensor],
                 q_doc=None if doc is None else doc[me][:, qs], k_doc=None if doc is None else doc[src][:, ks])
 
 
+def _segments(info: CPAttnInfo, me: int, src: int, qs: slice, ks: slice, causal: bool):
+    """Kernel segments of one sub-block (cached on the info: the same for every layer of the step), or None."""
+    key = (me, src, qs.start, qs.stop, ks.start, ks.stop, causal)
+    if key not in info.block_cache:
+        doc = info.slot_doc
+        info.block_cache[key] = block_segments(info.slot_pos[me, qs], info.slot_pos[src, ks],
+                                               None if doc is None else doc[me][:, qs],
+                                               None if doc is None else doc[src][:, ks], causal)
+    return info.block_cache[key]
+
+
 def _wait(reqs) -> None:
     for r in reqs or ():
         r.wait()
@@ -73,6 +89,7 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros(b, n, hq, d, dtype=ct, device=dev)
         lse = torch.full((b, hq, n), float("-inf"), dtype=ct, device=dev)
         kv = torch.stack([k, v]).contiguous()  # [2, B, n, Hkv, D]: one message per hop, KV heads as they are
+        kernel = use_block_kernel(q)  # the Triton block (bf16/fp16 on GPU or the interpreter), else plain torch
         for step in range(ring):
             src = (me - step) % ring
             reqs = None
@@ -80,8 +97,12 @@ class RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(kv)
                 reqs = info.comm.ring_exchange([kv], [nxt], group=info.ring_group, tag=_KV_TAG)
             for qs, ks in block_pairs(info, me, src, causal):
-                o, l = local_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale=scale, causal=causal,
-                                       **_mask_args(info, pos, doc, me, src, qs, ks))
+                segs = _segments(info, me, src, qs, ks, causal) if kernel else None
+                if segs is not None:
+                    o, l = block_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], segs, scale)
+                else:
+                    o, l = local_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale=scale, causal=causal,
+                                           **_mask_args(info, pos, doc, me, src, qs, ks))
                 merge_(out[:, qs], lse[:, :, qs], o, l)
             if reqs is not None:
                 _wait(reqs)
@@ -102,6 +123,7 @@ class RingAttention(torch.autograd.Function):
         ct = out.dtype
         dq = torch.zeros(q.shape, dtype=ct, device=dev)
         kv = torch.stack([k, v]).contiguous()
+        kernel = use_block_kernel(q)
         dkv = None  # fp32 dK/dV of the slot whose KV we hold; travels with it
         dkv_reqs, dkv_in = None, None
         for step in range(ring):
@@ -112,9 +134,14 @@ class RingAttention(torch.autograd.Function):
                 kv_reqs = info.comm.ring_exchange([kv], [nxt], group=info.ring_group, tag=_KV_TAG)
             contrib = torch.zeros((2,) + tuple(k.shape), dtype=ct, device=dev)
             for qs, ks in block_pairs(info, me, src, causal):
-                gq, gk, gv = local_attention_backward(
-                    q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], dout[:, qs], scale=scale,
-                    causal=causal, **_mask_args(info, pos, doc, me, src, qs, ks))
+                segs = _segments(info, me, src, qs, ks, causal) if kernel else None
+                if segs is not None:
+                    gq, gk, gv = block_backward(q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
+                                                dout[:, qs], segs, scale)
+                else:
+                    gq, gk, gv = local_attention_backward(
+                        q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], dout[:, qs], scale=scale,
+                        causal=causal, **_mask_args(info, pos, doc, me, src, qs, ks))
                 dq[:, qs] += gq
                 contrib[0][:, ks] += gk
                 contrib[1][:, ks] += gv

@@ -1,0 +1,149 @@
+"""The ring's local block on the Triton flash kernels (``longreach.kernels.flash``): the same maths as
+``local.py`` (out and lse in fp32, the backward given the final merged out/lse), run as one varlen kernel call.
+
+``local.py`` describes a block's mask per token (positions, document ids); the kernels take document segments
+(``cu_seqlens`` for q and for k, document i of q attending document i of k) and one mask kind per call:
+``'causal'`` (top-left aligned inside each pair: the diagonal) or ``'full'``. ``block_segments`` turns the first
+into the second once per (query slot half, key slot half) and batch of the plan: every document present in both
+halves is either wholly before the queries (full), wholly after (skipped: its q rows get an empty key segment,
+its keys an empty query segment), or on the same positions (causal). The zigzag layouts (global and per
+document) only produce these cases; a block that mixes full and causal documents, or anything else, returns
+None and the caller keeps the plain-torch block.
+
+Used for bf16/fp16 on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (CI runs the real kernel code through the
+ring there). ``LONGREACH_RING_KERNEL=0`` keeps the plain-torch block everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def use_block_kernel(q: torch.Tensor) -> bool:
+    """True when the ring's local blocks should run on the Triton kernels for tensors like ``q``."""
+    from ..kernels.flash import triton_enabled
+
+    if os.environ.get("LONGREACH_RING_KERNEL", "1") == "0":
+        return False
+    return triton_enabled(q) and q.dtype in _KERNEL_DTYPES and q.shape[-1] in _KERNEL_HEAD_DIMS
+
+
+@dataclass
+class BlockSegments:
+    """One block's documents as kernel segments over the flattened (batch x tokens) rows of q and k."""
+
+    mask: str
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    _on: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (self.cu_q.to(device), self.cu_k.to(device))
+        return self._on[key]
+
+
+def _runs(doc: Optional[torch.Tensor], n: int) -> list[tuple[int, int, int]]:
+    """(document id, start, end) of the runs of equal ids along one row (one run when there are no ids)."""
+    if doc is None:
+        return [(0, 0, n)] if n else []
+    ids, counts = torch.unique_consecutive(doc, return_counts=True)
+    out, start = [], 0
+    for i, c in zip(ids.tolist(), counts.tolist()):
+        out.append((i, start, start + c))
+        start += c
+    return out
+
+
+def block_segments(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: Optional[torch.Tensor],
+                   k_doc: Optional[torch.Tensor], causal: bool) -> Optional[BlockSegments]:
+    """Kernel segments of one block (CPU tensors: q_pos [Sq], k_pos [Sk] shared by the rows; q_doc [B, Sq],
+    k_doc [B, Sk] or None), or None when the block's mask is not one kernel call (module docstring)."""
+    q_pos, k_pos = q_pos.cpu(), k_pos.cpu()
+    sq, sk = q_pos.numel(), k_pos.numel()
+    rows = 1 if q_doc is None else q_doc.shape[0]
+    cu_q, cu_k, kinds = [0], [0], set()
+
+    def emit(qn: int, kn: int):
+        cu_q.append(cu_q[-1] + qn)
+        cu_k.append(cu_k[-1] + kn)
+
+    for b in range(rows):
+        qr = _runs(None if q_doc is None else q_doc[b].cpu(), sq)
+        kr = _runs(None if k_doc is None else k_doc[b].cpu(), sk)
+        i = j = 0
+        while i < len(qr) or j < len(kr):  # document ids rise along a row: merge the two run lists in order
+            qd = qr[i][0] if i < len(qr) else None
+            kd = kr[j][0] if j < len(kr) else None
+            if kd is None or (qd is not None and qd < kd):
+                emit(qr[i][2] - qr[i][1], 0)
+                i += 1
+                continue
+            if qd is None or kd < qd:
+                emit(0, kr[j][2] - kr[j][1])
+                j += 1
+                continue
+            (_, qa, qe), (_, ka, ke) = qr[i], kr[j]
+            qp, kp = q_pos[qa:qe], k_pos[ka:ke]
+            if not causal or int(kp.max()) < int(qp.min()):
+                kinds.add("full")
+                emit(qe - qa, ke - ka)
+            elif int(kp.min()) > int(qp.max()):  # keys after the queries: nothing visible
+                emit(qe - qa, 0)
+                emit(0, ke - ka)
+            elif qe - qa == ke - ka and torch.equal(qp, kp):
+                kinds.add("causal")
+                emit(qe - qa, ke - ka)
+            else:
+                return None
+            i += 1
+            j += 1
+    if len(kinds) > 1:
+        return None
+    lens_q = [e - a for a, e in zip(cu_q[:-1], cu_q[1:])]
+    lens_k = [e - a for a, e in zip(cu_k[:-1], cu_k[1:])]
+    return BlockSegments(mask=kinds.pop() if kinds else "full",
+                         cu_q=torch.tensor(cu_q, dtype=torch.int32), cu_k=torch.tensor(cu_k, dtype=torch.int32),
+                         max_q=max(lens_q + [0]), max_k=max(lens_k + [0]))
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: BlockSegments, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out fp32 [B, Sq, Hq, D], lse fp32 [B, Hq, Sq] (as ``local_attention``)."""
+    from ..kernels.flash import triton as tk
+
+    b, sq, hq, d = q.shape
+    cu_q, cu_k = segs.on(q.device)
+    out, lse = tk.attention_forward(_flat(q), _flat(k), _flat(v), cu_q, cu_k, segs.max_q,
+                                    causal=segs.mask == "causal", scale=scale, out_dtype=torch.float32)
+    return out.view(b, sq, hq, d), lse.view(hq, b, sq).transpose(0, 1)
+
+
+def block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   dout: torch.Tensor, segs: BlockSegments, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This block's (dq, dk, dv) in fp32 given the rows' FINAL merged out [B, Sq, Hq, D] and lse [B, Hq, Sq]."""
+    from ..kernels.flash import triton as tk
+
+    b, sq, hq, d = q.shape
+    cu_q, cu_k = segs.on(q.device)
+    lse3 = lse.transpose(0, 1).reshape(hq, b * sq).float().contiguous()
+    dq, dk, dv = tk.attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse3, cu_q, cu_k,
+                                       segs.max_q, segs.max_k, causal=segs.mask == "causal", scale=scale,
+                                       grad_dtype=torch.float32)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)

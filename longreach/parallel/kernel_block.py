@@ -147,3 +147,28 @@ def block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                                        segs.max_q, segs.max_k, causal=segs.mask == "causal", scale=scale,
                                        grad_dtype=torch.float32)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+def block_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: BlockSegments, scale: float,
+                       out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Batch 1: merge this block into the running fp32 ``out`` [1, Sq, Hq, D] and ``lse`` [1, Hq, Sq] (views of the
+    ring's accumulators) inside the kernel, in place: no block result in memory, no separate merge pass."""
+    from ..kernels.flash import triton as tk
+
+    cu_q, cu_k = segs.on(q.device)
+    tk.attention_forward(_flat(q), _flat(k), _flat(v), cu_q, cu_k, segs.max_q, causal=segs.mask == "causal",
+                         scale=scale, out_dtype=torch.float32, out=out[0], lse=lse[0], accumulate=True)
+
+
+def block_backward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        dout: torch.Tensor, segs: BlockSegments, scale: float, dq: torch.Tensor, dk: torch.Tensor,
+                        dv: torch.Tensor) -> None:
+    """Batch 1: add this block's gradients into the fp32 accumulators ``dq`` [1, Sq, Hq, D], ``dk``/``dv``
+    [1, Sk, Hkv, D] (views of the ring's buffers) inside the kernels, in place."""
+    from ..kernels.flash import triton as tk
+
+    hq = q.shape[2]
+    cu_q, cu_k = segs.on(q.device)
+    lse3 = lse[0].float().contiguous().view(hq, -1)
+    tk.attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse3, cu_q, cu_k, segs.max_q,
+                          segs.max_k, causal=segs.mask == "causal", scale=scale, acc=(dq[0], dk[0], dv[0]))

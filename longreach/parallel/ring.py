@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from .kernel_block import block_backward, block_forward, block_segments, use_block_kernel
+from .kernel_block import (block_backward, block_backward_into, block_forward, block_forward_into, block_segments,
+                           use_block_kernel)
 from .local import local_attention, local_attention_backward
 from .merge import merge_
 from .plan import CPAttnInfo
@@ -32,7 +33,15 @@ _KV_TAG, _DKV_TAG = 0, 1
 
 
 def block_pairs(info: CPAttnInfo, me: int, src: int, causal: bool) -> list[tuple[slice, slice]]:
-    """(query slice, key slice) sub-blocks of slot ``me`` attending slot ``src`` that are not fully masked."""
+    """(query slice, key slice) sub-blocks of slot ``me`` attending slot ``src`` that are not fully masked (cached
+    on the info: every layer of the step asks the same)."""
+    key = ("pairs", me, src, causal)
+    if key not in info.block_cache:
+        info.block_cache[key] = _block_pairs(info, me, src, causal)
+    return info.block_cache[key]
+
+
+def _block_pairs(info: CPAttnInfo, me: int, src: int, causal: bool) -> list[tuple[slice, slice]]:
     pos, doc = info.slot_pos, info.slot_doc
     n = pos.shape[1]
     h = n // 2
@@ -98,6 +107,9 @@ class RingAttention(torch.autograd.Function):
                 reqs = info.comm.ring_exchange([kv], [nxt], group=info.ring_group, tag=_KV_TAG)
             for qs, ks in block_pairs(info, me, src, causal):
                 segs = _segments(info, me, src, qs, ks, causal) if kernel else None
+                if segs is not None and b == 1:  # the kernel merges into the accumulators itself
+                    block_forward_into(q[:, qs], kv[0][:, ks], kv[1][:, ks], segs, scale, out[:, qs], lse[:, :, qs])
+                    continue
                 if segs is not None:
                     o, l = block_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], segs, scale)
                 else:
@@ -135,6 +147,10 @@ class RingAttention(torch.autograd.Function):
             contrib = torch.zeros((2,) + tuple(k.shape), dtype=ct, device=dev)
             for qs, ks in block_pairs(info, me, src, causal):
                 segs = _segments(info, me, src, qs, ks, causal) if kernel else None
+                if segs is not None and q.shape[0] == 1:  # the kernels add into the accumulators themselves
+                    block_backward_into(q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], dout[:, qs],
+                                        segs, scale, dq[:, qs], contrib[0][:, ks], contrib[1][:, ks])
+                    continue
                 if segs is not None:
                     gq, gk, gv = block_backward(q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
                                                 dout[:, qs], segs, scale)

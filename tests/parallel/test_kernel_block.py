@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cp_reference import random_cu_seqlens
-from longreach.parallel.kernel_block import block_backward, block_forward, block_segments, use_block_kernel
+from longreach.parallel.kernel_block import (block_backward, block_backward_into, block_forward, block_forward_into,
+                                             block_segments, use_block_kernel)
 from longreach.parallel.local import local_attention, local_attention_backward
 from longreach.parallel.merge import merge_
 from longreach.parallel.plan import ShardPlan
@@ -28,11 +29,12 @@ def _slots(b, s, ring, cu, layout):
     (2, 2, 37, True, "per_doc", True),
     (3, 2, 50, True, "global", True),
     (2, 1, 40, False, "global", True),
-    (2, 2, 33, True, "per_doc", False),
+    (2, 1, 29, True, "per_doc", False),
+    (3, 1, 30, True, "per_doc", True),
 ])
 def test_kernel_block_equals_torch_block(ring, b, s, packed, layout, causal):
     torch.manual_seed(ring * 100 + s)
-    hq, hkv, d, scale = 4, 2, 16, 0.3
+    hq, hkv, d, scale = 2, 1, 16, 0.3
     cu = random_cu_seqlens(b, s, torch.Generator().manual_seed(s)) if packed else None
     info = _slots(b, s, ring, cu, layout)
     pos, doc = info.slot_pos, info.slot_doc
@@ -55,8 +57,14 @@ def test_kernel_block_equals_torch_block(ring, b, s, packed, layout, causal):
                                      **_mask_args(info, pos, doc, me, src, qs, ks))
             torch.testing.assert_close(l.double(), rl, atol=2e-5, rtol=0)
             torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=0)
-            merge_(out[:, qs], lse[:, :, qs], o, l)
+            if b == 1:  # the ring's batch-1 path: the kernel merges into the running (out, lse) itself
+                block_forward_into(q[:, qs].float(), k[:, ks].float(), v[:, ks].float(), segs, scale, out[:, qs],
+                                   lse[:, :, qs])
+            else:
+                merge_(out[:, qs], lse[:, :, qs], o, l)
             merge_(ref_out[:, qs], ref_lse[:, :, qs], ro, rl)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
         for src, qs, ks in pairs:  # backward of each block given the final merged rows
             _, k, v, _ = x[src]
             segs = block_segments(pos[me, qs], pos[src, ks], None if doc is None else doc[me][:, qs],
@@ -68,6 +76,14 @@ def test_kernel_block_equals_torch_block(ring, b, s, packed, layout, causal):
             for name, a, r in zip(("dq", "dk", "dv"), g, gr):
                 assert a.dtype == torch.float32
                 torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            if b == 1:  # the batch-1 path adds into existing accumulators
+                accs = [torch.randn(a.shape) for a in g]
+                start = [a.clone() for a in accs]
+                block_backward_into(q[:, qs].float(), k[:, ks].float(), v[:, ks].float(), out[:, qs], lse[:, :, qs],
+                                    dout[:, qs].float(), segs, scale, *accs)
+                for name, a, a0, r in zip(("dq", "dk", "dv"), accs, start, gr):
+                    torch.testing.assert_close((a - a0).double(), r, atol=1e-4, rtol=1e-4,
+                                               msg=lambda m: f"{name} accumulated: {m}")
 
 
 def test_segments_refuse_what_one_call_cannot_express():

@@ -147,7 +147,9 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, DENSE, qk_scale,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
               sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
               GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-              IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              ACC: tl.constexpr = False):
+    # ACC: O/LSE hold a running fp32 (out, lse) (the ring's accumulators) that this block merges into in place
     # heads of a tile side by side (GQA heads share K/V in L2), heaviest (last, for causal) tiles first
     pid = tl.program_id(0)
     hp = pid % N_HP
@@ -199,9 +201,21 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, DENSE, qk_scale,
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
         o_base = O + q_start.to(tl.int64) * stride_ot
-        tl.store(o_base + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(LSE + head * stride_lh + q_start + tok, lse, mask=row_ok)
+        o_ptrs = o_base + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        lse_ptrs = LSE + head * stride_lh + q_start + tok
+        if ACC:  # out = w_prev out_prev + w_blk out_blk with weights exp(lse_x - logaddexp(lse_prev, lse_blk))
+            lse_prev = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
+            o_prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+            mx = tl.maximum(lse_prev, lse)
+            mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+            w_prev = tl.exp(lse_prev - mx_safe)
+            w_blk = tl.exp(lse - mx_safe)
+            tot = w_prev + w_blk
+            tot_safe = tl.where(tot == 0.0, 1.0, tot)
+            out = (o_prev * (w_prev / tot_safe)[:, None] + out * (w_blk / tot_safe)[:, None])
+            lse = tl.where(tot == 0.0, float("-inf"), mx_safe + tl.log(tot_safe))
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------- backward
@@ -272,7 +286,7 @@ def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale
                sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
                GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ACC: tl.constexpr):
     # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
     hkv = pid % N_KV
     pid_n = pid // N_KV
@@ -333,10 +347,13 @@ def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale
         dk = dk * sm_scale
         dk_base = DK + k_start.to(tl.int64) * stride_dkt + hkv * stride_dkh
         dv_base = DV + k_start.to(tl.int64) * stride_dvt + hkv * stride_dvh
-        tl.store(dk_base + c[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=col_ok[:, None])
-        tl.store(dv_base + c[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=col_ok[:, None])
+        dk_ptrs = dk_base + c[:, None] * stride_dkt + offs_d[None, :]
+        dv_ptrs = dv_base + c[:, None] * stride_dvt + offs_d[None, :]
+        if ACC:  # add into the caller's fp32 accumulators (the ring's dK/dV of this KV block)
+            dk += tl.load(dk_ptrs, mask=col_ok[:, None], other=0.0)
+            dv += tl.load(dv_ptrs, mask=col_ok[:, None], other=0.0)
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -378,7 +395,8 @@ def _dq_body(pid, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_s
              stride_dqt, stride_dqh, stride_lh,
              sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
              GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-             IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             ACC: tl.constexpr):
     hp = pid % N_HP
     pid_m = N_TILES - 1 - pid // N_HP
     doc = tl.program_id(1)
@@ -426,8 +444,11 @@ def _dq_body(pid, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_s
                        tl.cdiv(hi - safe_hi, BLOCK_N), 0, 0, 0, 1, sp_block, k_len, tok, qk_scale,
                        True, CAUSAL, False, IDX64, BLOCK_N, HEAD_DIM)
         dq = dq * sm_scale
-        tl.store(DQ + q_start.to(tl.int64) * stride_dqt + t[:, None] * stride_dqt + head[:, None] * stride_dqh
-                 + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        dq_ptrs = (DQ + q_start.to(tl.int64) * stride_dqt + t[:, None] * stride_dqt + head[:, None] * stride_dqh
+                   + offs_d[None, :])
+        if ACC:
+            dq += tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=['N_HP', 'N_KV', 'N_KV_PROG', 'N_QTILES', 'sp_block', 'sp_window', 'sp_sink',
@@ -438,7 +459,7 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, DENSE, qk_scale, 
               sp_block, sp_window, sp_sink, sp_stride, N_KV_PROG, N_KV, N_QTILES, N_HP,
               GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
               IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
-              BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+              BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, ACC: tl.constexpr = False):
     # one launch, two halves: programs [0, N_KV_PROG) do dk/dv per KV tile, the rest dq per q tile; the dq
     # programs are dispatched as the dk/dv ones drain, so neither pass leaves a tail of idle SMs
     pid = tl.program_id(0)
@@ -447,13 +468,13 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, DENSE, qk_scale, 
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
                    sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
-                   GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M1, BLOCK_N1, False)
+                   GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, ACC)
     else:
         _dq_body(pid - N_KV_PROG, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                  stride_dqt, stride_dqh, stride_lh,
                  sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
-                 GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M2, BLOCK_N2)
+                 GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M2, BLOCK_N2, ACC)
 
 
 @triton.jit(do_not_specialize=['N_KV', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
@@ -463,13 +484,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale,
                    sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
                    GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                    IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                   BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ACC: tl.constexpr = False):
     # ATOMIC_DQ: DQ is an fp32 buffer [Tq, Hq, D] (zeroed) that receives every KV tile's share of dq
     _dkdv_body(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
                sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
-               GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ATOMIC_DQ)
+               GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ATOMIC_DQ, ACC)
 
 
 @triton.jit(do_not_specialize=['N_HP', 'N_QTILES', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
@@ -479,12 +500,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_sc
                  sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
                  GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                  IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, ACC: tl.constexpr = False):
     _dq_body(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
              stride_dqt, stride_dqh, stride_lh,
              sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
-             GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N)
+             GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ACC)
 
 
 # ----------------------------------------------------------------------------------------------- tiles
@@ -606,8 +627,12 @@ def _pack(pack: int) -> int:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                       max_q: int, *, causal: bool, scale: float, out_dtype: torch.dtype,
                       sparse: Optional[SparseArgs] = None, pack: int = 1,
-                      out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_q/cu_k int32 [n_docs+1] -> (out [Tq, Hq, D] out_dtype, lse fp32 [Hq, Tq])."""
+                      out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                      accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_q/cu_k int32 [n_docs+1] -> (out [Tq, Hq, D] out_dtype, lse fp32 [Hq, Tq]).
+
+    ``accumulate``: ``out`` (fp32 [Tq, Hq, D], last dim contiguous) and ``lse`` (fp32 [Hq, Tq], token stride 1) hold a
+    running result (zeros / -inf to start) that this call merges its block into, in place (the ring's hops)."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -615,9 +640,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
     wide = q.element_size() > 2  # fp32 operands: small tiles
     if INTERPRET:  # the interpreter's bf16 dot is wrong (triton-lang/triton#11584): same kernel on fp32 copies
         q, k, v = q.float(), k.float(), v.float()
+    if accumulate:
+        if out is None or lse is None or out.dtype != torch.float32 or lse.dtype != torch.float32 or \
+                lse.stride(1) != 1 or out.stride(2) != 1:
+            raise ValueError("accumulate=True needs fp32 out [Tq, Hq, D] and lse [Hq, Tq] (token stride 1)")
     if out is None:
         out = torch.empty((tq, hq, d), dtype=out_dtype, device=q.device)
-    lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
+    if lse is None:
+        lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
     dense, (spb, spw, sps, spst) = _sparse_args(sparse, q.device)
     n_docs = cu_q.numel() - 1
     is_sparse = sparse is not None
@@ -631,7 +661,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
         args = (q, k, v, out, lse, cu_q, cu_k, dense, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), spb, spw, sps, spst, n_tiles, n_hp)
-        _run(_attn_fwd, (n_tiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t.m, BLOCK_N=t.n), t.warps, t.stages)
+        _run(_attn_fwd, (n_tiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t.m, BLOCK_N=t.n, ACC=accumulate), t.warps,
+             t.stages)
 
     _launch(go, wide)
     return out, lse
@@ -641,18 +672,26 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, *,
                        causal: bool, scale: float, grad_dtype: Optional[torch.dtype] = None,
                        sparse: Optional[SparseArgs] = None, pack: int = 1,
+                       acc: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of softmax attention given the (final) out and lse. Shapes as in ``attention_forward``;
-    dq/dk/dv come back in ``grad_dtype`` (default: the input dtypes)."""
+    dq/dk/dv come back in ``grad_dtype`` (default: the input dtypes). ``acc=(dq, dk, dv)``: fp32 buffers (last dim
+    contiguous) that the gradients are added into, in place, and returned (the ring's accumulators)."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     group = hq // hkv
     if sparse is None and pack == 1 and OVERRIDE.get("bwd_pack", BWD_PACK_DENSE):
         pack = group
     pack = _pack(pack)
-    dq = torch.empty((tq, hq, d), dtype=grad_dtype or q.dtype, device=q.device)
-    dk = torch.empty((tk, hkv, d), dtype=grad_dtype or k.dtype, device=q.device)
-    dv = torch.empty((tk, hkv, d), dtype=grad_dtype or v.dtype, device=q.device)
+    if acc is not None:
+        dq, dk, dv = acc
+        if any(x.dtype != torch.float32 or x.stride(-1) != 1 for x in acc):
+            raise ValueError("acc: dq, dk, dv accumulators must be fp32 with a contiguous last dim")
+    else:
+        dq = torch.empty((tq, hq, d), dtype=grad_dtype or q.dtype, device=q.device)
+        dk = torch.empty((tk, hkv, d), dtype=grad_dtype or k.dtype, device=q.device)
+        dv = torch.empty((tk, hkv, d), dtype=grad_dtype or v.dtype, device=q.device)
+    accumulate = acc is not None
     wide = q.element_size() > 2
     if INTERPRET:  # see attention_forward
         q, k, v = q.float(), k.float(), v.float()
@@ -680,7 +719,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     atomic = _atomic_dq(is_sparse)
     dq_acc = None
     if atomic:  # dq summed over KV tiles in fp32 (the fp32 result doubles as the ring's fp32 dq)
-        dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else torch.empty(
+        dq_acc = dq if dq.dtype == torch.float32 and (accumulate or dq.is_contiguous()) else torch.empty(
             (tq, hq, d), dtype=torch.float32, device=q.device)
 
     def go(small: bool):
@@ -688,29 +727,30 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         t2 = _tile("dq", is_sparse, pack, sp_block, small)
         n_kv_prog = triton.cdiv(max(max_k, 1), t1.n) * hkv
         n_qtiles = triton.cdiv(max(max_q, 1), t2.m // pack)
-        if _fused(is_sparse):
+        if _fused(is_sparse) and not atomic:
             args = (q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                     lse.stride(0), *sp, n_kv_prog, hkv, n_qtiles, n_hp)
             _run(_attn_bwd, (n_kv_prog + n_qtiles * n_hp, n_docs), args, kw,
-                 dict(BLOCK_M1=t1.m, BLOCK_N1=t1.n, BLOCK_M2=t2.m, BLOCK_N2=t2.n), t1.warps, t1.stages)
+                 dict(BLOCK_M1=t1.m, BLOCK_N1=t1.n, BLOCK_M2=t2.m, BLOCK_N2=t2.n, ACC=accumulate), t1.warps, t1.stages)
         elif atomic:
-            dq_acc.zero_()
+            if not accumulate:
+                dq_acc.zero_()
             args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
                     dq_acc, dq_acc.stride(0), dq_acc.stride(1))
             _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
-                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=True), t1.warps, t1.stages)
+                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=True, ACC=accumulate), t1.warps, t1.stages)
         else:
             args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
                     dq, dq.stride(0), dq.stride(1))
             _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
-                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=False), t1.warps, t1.stages)
+                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=False, ACC=accumulate), t1.warps, t1.stages)
             args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dq.stride(0), dq.stride(1), lse.stride(0), *sp, n_qtiles, n_hp)
-            _run(_attn_bwd_dq, (n_qtiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t2.m, BLOCK_N=t2.n), t2.warps,
-                 t2.stages)
+            _run(_attn_bwd_dq, (n_qtiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t2.m, BLOCK_N=t2.n, ACC=accumulate),
+                 t2.warps, t2.stages)
 
     _launch(go, wide)
     if atomic and dq_acc is not dq:

@@ -8,9 +8,11 @@ Reported per strategy (table on rank 0 + JSON):
 * fwd ms, fwd+bwd ms: time per call, max over ranks (the slowest rank sets the step time);
 * TFLOP/s per rank: causal fwd FLOPs ``2 * B * S^2 * Hq * D`` (half of the dense 4*S^2*H*D), fwd+bwd 3.5x that,
   divided by the world size and by the fwd+bwd time;
-* efficiency: that throughput over the single-device kernel's (our local block function, same dtype) on the
-  same per-rank work, i.e. causal attention at ``S / sqrt(world)`` tokens on one rank, timed concurrently on every
-  rank so both see the same machine load;
+* efficiency: that throughput over the single-device kernel's on the same per-rank work, timed concurrently on
+  every rank so both see the same machine load. The kernel is our Triton flash attention (bf16 on GPU; on CPU the
+  local block function). One document per row: causal attention at ``S / sqrt(world)`` tokens (the same causal
+  FLOPs as one rank's share). Packed documents (``--docs longtail``): the whole packed row on one device, so
+  efficiency = t_single / (world * t_cp), FLOPs counted per document;
 * peak memory: CUDA max allocated per rank (max over ranks); on CPU the process peak RSS (monotone over the run,
   so a coarse upper bound);
 * max err: forward error of this rank's output against a dense single-process reference (catches a peer that
@@ -57,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3 if gpu else 1)
     p.add_argument("--strategies", default="ring,ulysses,hybrid", help="comma-separated subset of ring,ulysses,hybrid")
     p.add_argument("--ulysses", type=int, default=0, help="Ulysses degree of the hybrid strategy (0: 2 when it splits)")
+    p.add_argument("--docs", choices=("none", "longtail"), default="none",
+                   help="longtail: pack each row with documents of long-tailed lengths (log-normal, none over a "
+                        "quarter of the row), attention within documents only")
     p.add_argument("--no-peers", action="store_true", help="skip torch native CP and yunchang")
     p.add_argument("--out", default="", help="JSON output path (default bench/results/cp_<world>ranks_<device>.json)")
     p.add_argument("--ranks", type=int, default=0, help="launch this many ranks with torchrun (when not already under it)")
@@ -108,6 +113,27 @@ def causal_flops_fwd_bwd(b: int, s: int, hq: int, d: int) -> float:
     return 3.5 * 2.0 * b * s * s * hq * d
 
 
+def longtail_cu_seqlens(b: int, s: int, seed: int = 0) -> torch.Tensor:
+    """int32 [n_docs+1] over b rows of s tokens: log-normal document lengths (median s/64, long tail), each capped
+    at a quarter of the row; every row starts a document. Same on every rank (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    cap, cuts = max(1, s // 4), [0]
+    for row in range(b):
+        at = 0
+        while at < s:
+            n = int(torch.exp(torch.randn((), generator=g) * 1.2 + math.log(max(2.0, s / 64))).clamp(1, cap))
+            n = min(n, s - at)
+            at += n
+            cuts.append(row * s + at)
+    return torch.tensor(cuts, dtype=torch.int32)
+
+
+def doc_flops_fwd_bwd(cu: torch.Tensor, hq: int, d: int) -> float:
+    """Causal attention FLOPs within documents (forward + backward), summed over the documents."""
+    lens = (cu[1:] - cu[:-1]).double()
+    return float(3.5 * 2.0 * (lens * lens).sum() * hq * d)
+
+
 # ------------------------------------------------------------------------------------------------------ the cases
 class Case:
     """Global inputs (same on every rank) and a dense reference output."""
@@ -117,12 +143,23 @@ class Case:
         self.b, self.hq, self.hkv, self.d = a.batch, a.heads, a.kv_heads, a.head_dim
         self.s = a.tokens_per_rank * self.world
         self.device, self.dtype = device, dtype
+        self.cu = longtail_cu_seqlens(self.b, self.s) if getattr(a, "docs", "none") == "longtail" else None
         g = torch.Generator().manual_seed(0)
         mk = lambda h: torch.randn(self.b, self.s, h, self.d, generator=g).to(device=device, dtype=dtype)
         self.q, self.k, self.v, self.dout = mk(self.hq), mk(self.hkv), mk(self.hkv), mk(self.hq)
         with torch.no_grad():
             qt, kt, vt = (x.transpose(1, 2).float() for x in (self.q, self.k, self.v))
-            self.ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
+            if self.cu is None:
+                self.ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
+            else:  # per document (the rows are flattened: documents never cross rows)
+                flat = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]).transpose(0, 1)  # noqa: E731
+                qf, kf, vf = flat(qt), flat(kt), flat(vt)  # [H, B*S, D]
+                outs = []
+                for a_, e_ in zip(self.cu[:-1].tolist(), self.cu[1:].tolist()):
+                    outs.append(F.scaled_dot_product_attention(qf[None, :, a_:e_], kf[None, :, a_:e_],
+                                                               vf[None, :, a_:e_], is_causal=True,
+                                                               enable_gqa=True)[0])
+                self.ref = torch.cat(outs, 1).transpose(0, 1).reshape(self.b, self.s, self.hq, self.d)
 
 
 def _ours(case: Case, strategy: str, uly: int, comm):
@@ -135,24 +172,31 @@ def _ours(case: Case, strategy: str, uly: int, comm):
     mesh = build_mesh(cp=w, ulysses=uly, strategy=strategy)
     check_heads(num_heads=case.hq, num_kv_heads=case.hkv, ulysses=mesh.ulysses)
     plan = ShardPlan(batch_size=case.b, seq_len=case.s, ring=mesh.ring, ulysses=mesh.ulysses, ring_rank=mesh.ring_rank,
-                     ulysses_rank=mesh.ulysses_rank)
+                     ulysses_rank=mesh.ulysses_rank, cu_seqlens=case.cu)
     info = plan.attn_info(strategy=strategy, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, comm=comm)
     q, k, v = (plan.shard(x).requires_grad_() for x in (case.q, case.k, case.v))
     dout = plan.shard(case.dout)
     fwd = lambda: cp_attention(q, k, v, info=info, causal=True)
+    real = plan.token_index() < case.s  # [B, S_local]: pad tokens are not in the reference
     with torch.no_grad():
-        err = float((fwd().float() - plan.shard(case.ref)).abs().max())
+        err = float((fwd().float() - plan.shard(case.ref))[real].abs().max())
     return fwd, dout, (q, k, v), err, f"ring={mesh.ring} ulysses={mesh.ulysses}"
 
 
 def _single_device(case: Case, s_eq: int):
-    """The local kernel alone (no communication) on ``s_eq`` tokens: the efficiency baseline."""
+    """The kernel alone (no communication) on ``s_eq`` tokens (the whole packed row with --docs): the efficiency
+    baseline. Our Triton flash attention where it runs (bf16 on GPU), else the local block function."""
+    from ...kernels.flash import flash_attention
     from ...parallel.hybrid import cp_attention
+    from ...parallel.kernel_block import use_block_kernel
     from ...parallel.plan import single_rank_info
 
-    info = single_rank_info(batch_size=case.b, seq_len=s_eq, cu_seqlens=None)
     q, k, v = (x[:, :s_eq].clone().requires_grad_() for x in (case.q, case.k, case.v))
-    return (lambda: cp_attention(q, k, v, info=info, causal=True)), case.dout[:, :s_eq], (q, k, v)
+    if use_block_kernel(q):
+        fwd = lambda: flash_attention(q, k, v, causal=True, cu_seqlens=case.cu, return_lse=False)  # noqa: E731
+        return fwd, case.dout[:, :s_eq], (q, k, v), "flash kernel"
+    info = single_rank_info(batch_size=case.b, seq_len=s_eq, cu_seqlens=case.cu)
+    return (lambda: cp_attention(q, k, v, info=info, causal=True)), case.dout[:, :s_eq], (q, k, v), "local block"
 
 
 def _torch_native(case: Case):
@@ -220,15 +264,19 @@ def run_bench(a) -> list[dict]:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     case = Case(a, device, dtype)
     w = case.world
-    flops_rank = causal_flops_fwd_bwd(case.b, case.s, case.hq, case.d) / w
     timing = dict(iters=a.iters, warmup=a.warmup, device=device)
-
-    # the single-device baseline on the same per-rank causal work
-    s_eq = max(2, round(case.s / math.sqrt(w)))
-    fwd, dout, params = _single_device(case, s_eq)
+    if case.cu is None:
+        flops_rank = causal_flops_fwd_bwd(case.b, case.s, case.hq, case.d) / w
+        s_eq = max(2, round(case.s / math.sqrt(w)))  # the same causal work as one rank's share
+        base_flops = causal_flops_fwd_bwd(case.b, s_eq, case.hq, case.d)
+    else:
+        flops_rank = doc_flops_fwd_bwd(case.cu, case.hq, case.d) / w
+        s_eq = case.s  # the whole packed row on one device
+        base_flops = flops_rank * w
+    fwd, dout, params, kind = _single_device(case, s_eq)
     base_ms = _time_ms(_fwd_bwd(fwd, dout, params), **timing)
-    base_tflops = causal_flops_fwd_bwd(case.b, s_eq, case.hq, case.d) / base_ms / 1e9
-    rows = [dict(name="single-device (local kernel)", layout=f"S={s_eq} on 1 rank", status="ok", fwd_ms=None,
+    base_tflops = base_flops / base_ms / 1e9
+    rows = [dict(name=f"single-device ({kind})", layout=f"S={s_eq} on 1 rank", status="ok", fwd_ms=None,
                  fwd_bwd_ms=base_ms, tflops_per_rank=base_tflops, efficiency=1.0, peak_mib=None, max_err=None)]
 
     def add(name, layout, build):
@@ -264,7 +312,12 @@ def run_bench(a) -> list[dict]:
 
         add(f"longreach {strategy}", f"ring={w // uly} ulysses={uly}", build)
 
-    if not a.no_peers:
+    if not a.no_peers and case.cu is not None:  # neither peer takes packed documents through this entry point
+        for name in ("torch native context_parallel", "yunchang LongContextAttention"):
+            rows.append(dict(name=name, layout="-", status="no packed-document (varlen) support in this API",
+                             fwd_ms=None, fwd_bwd_ms=None, tflops_per_rank=None, efficiency=None, peak_mib=None,
+                             max_err=None))
+    elif not a.no_peers:
         add("torch native context_parallel", f"ring={w} (SDPA)", _native_adapter(case))
         try:
             import yunchang  # noqa: F401
@@ -306,7 +359,7 @@ def _fmt(v, spec):
 
 def table(rows: list[dict], meta: dict) -> str:
     head = (f"CP attention fwd+bwd, world={meta['world']}, {meta['tokens_per_rank']} tokens/rank (S={meta['seq_len']}), "
-            f"B={meta['batch']} Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} {meta['dtype']} on {meta['device']}")
+            f"B={meta['batch']} docs={meta.get('docs', 'none')} Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} {meta['dtype']} on {meta['device']}")
     cols = f"{'method':32} {'layout':26} {'fwd ms':>9} {'fwd+bwd ms':>11} {'TFLOP/s/rank':>13} {'eff':>6} {'peak MiB':>9} {'max err':>9}  status"
     lines = [head, cols, "-" * len(cols)]
     for r in rows:
@@ -340,7 +393,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = run_bench(a)
     w = dist.get_world_size()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-    meta = dict(world=w, tokens_per_rank=a.tokens_per_rank, seq_len=a.tokens_per_rank * w, batch=a.batch, heads=a.heads,
+    meta = dict(world=w, tokens_per_rank=a.tokens_per_rank, seq_len=a.tokens_per_rank * w, batch=a.batch, docs=a.docs,
+                heads=a.heads,
                 kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype, device=dev, iters=a.iters,
                 torch=torch.__version__)
     if dist.get_rank() == 0:

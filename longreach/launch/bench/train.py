@@ -60,6 +60,33 @@ def _random_batches(vocab: int, seq_len: int, batch_size: int, n: int, seed: int
     return out
 
 
+# Llama-3.2-1B's shape (random init): 16 layers, hidden 2048, 32 q / 8 kv heads of 64, MLP 8192, vocab 128256
+PRESETS = {
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                     max_position_embeddings=131072, tie_word_embeddings=True),
+}
+# bf16 dense tensor-core peak per GPU, for MFU (NVIDIA datasheet, SXM)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def train_flops_per_token(args, seq_len: int) -> float:
+    """Model FLOPs per trained token (PaLM appendix B, causal attention): 6 N (N = parameters without the
+    embedding) + 6 L d S (attention scores and values, causal half of 12 L d S); recompute is not counted (MFU)."""
+    h, L = args.hidden_size, args.num_hidden_layers
+    hq, hkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    per_layer = h * hq * d * 2 + h * hkv * d * 2 + 3 * h * args.intermediate_size
+    n = L * per_layer + h * args.vocab_size  # the LM head's matmul counts; the embedding lookup does not
+    return 6.0 * n + 6.0 * L * hq * d * seq_len
+
+
+def _peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
 def _summary(step_times: list[float], tokens_per_step: int, peak: int) -> dict:
     total = sum(step_times)
     return {"tokens_per_s": tokens_per_step * len(step_times) / total, "step_time_s": total / len(step_times),
@@ -107,7 +134,8 @@ def _bench_hf(cfg: RunConfig, hf: nn.Module, batches, warmup: int, dist: DistInf
 def bench_train(model: nn.Module, *, hf_builder: Callable[[nn.Module], nn.Module] = hf_llama_from, seq_len: int,
                 steps: int = 5, warmup: int = 2, zero_stage: int = 0, precision: str = "auto", batch_size: int = 1,
                 activation_checkpointing: bool = False, dist: Optional[DistInfo] = None,
-                out_json: Optional[str | Path] = None, out_dir: str = "runs/bench") -> dict:
+                out_json: Optional[str | Path] = None, out_dir: str = "runs/bench", attention: str = "dense",
+                with_hf: bool = True) -> dict:
     """Time ``warmup + steps`` training steps of ``model`` (our LlamaForCausalLM) with the Trainer, then of
     ``hf_builder(model)`` with plain DeepSpeed; returns {"config", "ours", "hf", "speedup"} and writes JSON."""
     dist = dist or init_distributed()
@@ -115,22 +143,39 @@ def bench_train(model: nn.Module, *, hf_builder: Callable[[nn.Module], nn.Module
         f"out_dir={out_dir}", "name=bench_train", f"train.steps={warmup + steps}", f"train.zero_stage={zero_stage}",
         f"train.precision={precision}", f"data.seq_len={seq_len}", f"data.batch_size={batch_size}",
         f"train.activation_checkpointing={str(activation_checkpointing).lower()}", "train.warmup_steps=1",
-        "train.lr=1e-5", "tracking.wandb=false", "tracking.progress=false", "train.resume=false"])
-    hf = hf_builder(model)  # copy the weights before our run updates them
+        "train.lr=1e-5", "tracking.wandb=false", "tracking.progress=false", "train.resume=false",
+        f"model.attention={attention}"])
+    if attention != "dense":  # every layer on this attention implementation (the registry's name)
+        from ...attention import registry
+
+        for i, layer in enumerate(model.model.layers):
+            att = layer.self_attn
+            att.impl = registry.build(registry.AttnSpec(attention, i, att.num_heads, att.num_kv_heads, att.head_dim, {}))
+            att.attn_name = attention
+    hf = hf_builder(model) if with_hf else None  # copy the weights before our run updates them
     batches = _random_batches(model.args.vocab_size, seq_len, batch_size, warmup + steps)
     ours = _bench_ours(cfg, model, batches, warmup, dist)
     gc.collect()
     if dist.device.type == "cuda":
         model.to("cpu")
         torch.cuda.empty_cache()
-    theirs = _bench_hf(cfg, hf, batches, warmup, dist)
+    theirs = _bench_hf(cfg, hf, batches, warmup, dist) if with_hf else None
+    fpt = train_flops_per_token(model.args, seq_len)
+    peak_tf = _peak_tflops(dist.device)
+    for m in (ours, theirs):
+        if m is not None:
+            m["model_tflops_per_gpu"] = m["tokens_per_s"] * fpt / dist.world / 1e12
+            m["mfu"] = m["model_tflops_per_gpu"] / peak_tf if peak_tf else None
+    n_params = sum(p.numel() for p in model.parameters())
     result = {
         "config": {"seq_len": seq_len, "batch_size": batch_size, "steps": steps, "warmup": warmup,
                    "zero_stage": zero_stage, "precision": "bf16" if resolve_bf16(cfg, dist.device) else "fp32",
                    "activation_checkpointing": activation_checkpointing, "world": dist.world,
                    "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
-                   "layers": model.args.num_hidden_layers, "torch": torch.__version__},
-        "ours": ours, "hf": theirs, "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                   "layers": model.args.num_hidden_layers, "torch": torch.__version__, "attention": attention,
+                   "params": n_params, "flops_per_token": fpt, "peak_tflops_per_gpu": peak_tf},
+        "ours": ours, "hf": theirs,
+        "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"] if theirs else None,
     }
     if dist.is_main:
         _print_table(result)
@@ -147,18 +192,27 @@ def _print_table(r: dict) -> None:
     c = r["config"]
     table = Table(title=f"train step: seq {c['seq_len']} x {c['batch_size']}, ZeRO-{c['zero_stage']}, {c['precision']}, "
                         f"{c['layers']} layers, {c['device']}")
-    for col in ("impl", "tokens/s", "step (s)", "peak mem (GiB)"):
+    for col in ("impl", "tokens/s", "step (s)", "peak mem (GiB)", "MFU"):
         table.add_column(col, justify="right")
     for name, key in (("longreach", "ours"), ("HF sdpa + DeepSpeed", "hf")):
         m = r[key]
-        table.add_row(name, f"{m['tokens_per_s']:.0f}", f"{m['step_time_s']:.3f}", f"{m['peak_mem_bytes'] / 2**30:.2f}")
+        if m is None:
+            continue
+        mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "-"
+        table.add_row(name, f"{m['tokens_per_s']:.0f}", f"{m['step_time_s']:.3f}", f"{m['peak_mem_bytes'] / 2**30:.2f}",
+                      mfu)
     Console().print(table)
-    Console().print(f"speedup (tokens/s): {r['speedup']:.2f}x")
+    if r["speedup"] is not None:
+        Console().print(f"speedup (tokens/s): {r['speedup']:.2f}x")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="longreach bench train", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="embedded:smollm2-135m", help="model.path for load_model; 'random' = random SmolLM2-shaped")
+    p.add_argument("--model", default="embedded:smollm2-135m",
+                   help="model.path for load_model; 'random' = random SmolLM2-shaped; 'random:llama-1b' = random "
+                        "Llama-3.2-1B-shaped")
+    p.add_argument("--attention", default="dense", help="model.attention (dense = torch SDPA, flash = our kernel)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers + DeepSpeed comparison")
     p.add_argument("--layers", type=int, default=0, help="keep only the first N layers (0 = all)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
@@ -170,10 +224,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--out", default="bench/results/train.json")
     a = p.parse_args(argv)
     dist = init_distributed()
-    if a.model == "random":
+    if a.model == "random" or a.model.startswith("random:"):
         from ...models.llama import LlamaForCausalLM, ModelArgs
 
-        args = ModelArgs()
+        preset = a.model.partition(":")[2]
+        if preset and preset not in PRESETS:
+            raise SystemExit(f"--model random:{preset}: unknown preset; choose one of {sorted(PRESETS)}")
+        args = ModelArgs(**PRESETS.get(preset, {}))
         if a.layers:
             args.num_hidden_layers = a.layers
         model = LlamaForCausalLM(args).init_weights(generator=torch.Generator().manual_seed(0))
@@ -184,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model, _ = load_model(mcfg, device="cpu", dtype=torch.float32, max_seq_len=a.seq_len)
     return bench_train(model, seq_len=a.seq_len, steps=a.steps, warmup=a.warmup, zero_stage=a.zero,
                        precision=a.precision, batch_size=a.batch_size, activation_checkpointing=a.activation_checkpointing,
-                       dist=dist, out_json=a.out)
+                       dist=dist, out_json=a.out, attention=a.attention, with_hf=not a.no_hf)
 
 
 if __name__ == "__main__":

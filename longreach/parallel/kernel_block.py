@@ -44,6 +44,8 @@ class BlockSegments:
     cu_k: torch.Tensor
     max_q: int
     max_k: int
+    work: bool = True
+    """False when no document pairs queries with keys (nothing to compute)."""
     _on: dict = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +55,14 @@ class BlockSegments:
         return self._on[key]
 
 
-def _runs(doc: Optional[torch.Tensor], n: int) -> list[tuple[int, int, int]]:
-    """(document id, start, end) of the runs of equal ids along one row (one run when there are no ids)."""
+def _runs(doc: Optional[torch.Tensor], n: int) -> Optional[list[tuple[int, int, int]]]:
+    """(document id, start, end) of the runs of equal ids along one row (one run when there are no ids); None
+    when a document comes back after another (the per-document layout's two halves): not one segment each."""
     if doc is None:
         return [(0, 0, n)] if n else []
     ids, counts = torch.unique_consecutive(doc, return_counts=True)
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        return None
     out, start = [], 0
     for i, c in zip(ids.tolist(), counts.tolist()):
         out.append((i, start, start + c))
@@ -81,6 +86,8 @@ def block_segments(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: Optional[tor
     for b in range(rows):
         qr = _runs(None if q_doc is None else q_doc[b].cpu(), sq)
         kr = _runs(None if k_doc is None else k_doc[b].cpu(), sk)
+        if qr is None or kr is None:
+            return None
         i = j = 0
         while i < len(qr) or j < len(kr):  # document ids rise along a row: merge the two run lists in order
             qd = qr[i][0] if i < len(qr) else None
@@ -114,7 +121,8 @@ def block_segments(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: Optional[tor
     lens_k = [e - a for a, e in zip(cu_k[:-1], cu_k[1:])]
     return BlockSegments(mask=kinds.pop() if kinds else "full",
                          cu_q=torch.tensor(cu_q, dtype=torch.int32), cu_k=torch.tensor(cu_k, dtype=torch.int32),
-                         max_q=max(lens_q + [0]), max_k=max(lens_k + [0]))
+                         max_q=max(lens_q + [0]), max_k=max(lens_k + [0]),
+                         work=any(a > 0 and c > 0 for a, c in zip(lens_q, lens_k)))
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

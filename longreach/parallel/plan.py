@@ -14,8 +14,8 @@ Packed documents, two layouts (``layout=``):
 * ``'global'``: the row is zigzagged as a whole; every token carries its global index and its document id
   (from ``cu_seqlens``). Balanced for one document per row, but a row of packed documents is not: a short
   document that lands in an early chunk costs its slot little, one in a late chunk a lot.
-* ``'per_doc'`` (used only when ``cu_seqlens`` is given; without it the row is one document and the layout is
-  ``'global'``): every document is cut into ``2R`` chunks and ring slot ``r`` takes chunks ``r`` and ``2R-1-r``
+* ``'per_doc'`` (used only when ``cu_seqlens`` is given and the ring has more than one slot; otherwise the
+  layout is ``'global'``): every document is cut into ``2R`` chunks and ring slot ``r`` takes chunks ``r`` and ``2R-1-r``
   of every document, so every slot gets the same share of every document's causal triangle. No per-document
   padding: a document of ``n = 2R q + m`` tokens gets chunks of ``q`` or ``q + 1`` tokens, its ``m`` extra
   tokens going to chunk indices taken round-robin over the ring slots (a pointer that continues from
@@ -177,7 +177,9 @@ class ShardPlan:
             raise ValueError(f"rank coordinates ({ring_rank}, {ulysses_rank}) outside the mesh ({ring}, {ulysses})")
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is not a shard layout; use one of {LAYOUTS}")
-        self.layout = layout if cu_seqlens is not None else "global"
+        # one ring slot: nothing to balance, and 'global' keeps each document contiguous in the slot (one kernel
+        # segment per document, so the ring's diagonal step is one kernel call)
+        self.layout = layout if cu_seqlens is not None and ring > 1 else "global"
         self.batch_size, self.seq_len = batch_size, seq_len
         self.ring, self.ulysses = ring, ulysses
         self.ring_rank, self.ulysses_rank = ring_rank, ulysses_rank

@@ -69,14 +69,55 @@ def _mask_args(info: CPAttnInfo, pos: torch.Tensor, doc: Optional[torch.Tensor],
 
 
 def _segments(info: CPAttnInfo, me: int, src: int, qs: slice, ks: slice, causal: bool):
-    """Kernel segments of one sub-block (cached on the info: the same for every layer of the step), or None."""
-    key = (me, src, qs.start, qs.stop, ks.start, ks.stop, causal)
-    if key not in info.block_cache:
-        doc = info.slot_doc
-        info.block_cache[key] = block_segments(info.slot_pos[me, qs], info.slot_pos[src, ks],
-                                               None if doc is None else doc[me][:, qs],
-                                               None if doc is None else doc[src][:, ks], causal)
-    return info.block_cache[key]
+    """Kernel segments of one (query, key) block of slots ``me`` x ``src``, or None (not one kernel call)."""
+    doc = info.slot_doc
+    return block_segments(info.slot_pos[me, qs], info.slot_pos[src, ks], None if doc is None else doc[me][:, qs],
+                          None if doc is None else doc[src][:, ks], causal)
+
+
+def kernel_pairs(info: CPAttnInfo, me: int, src: int, causal: bool) -> list[tuple[slice, slice, object]]:
+    """The step's work for the kernels: ``(query slice, key slice, segments or None)``, sub-blocks of
+    ``block_pairs`` joined into as few kernel calls as their masks allow (None: that sub-block runs on the torch
+    block). Joined, the zigzag's diagonal step is one causal call over the slot (positions rise along it), a step
+    with an earlier slot one call of all queries x its first chunk, a later slot one call of the second query chunk
+    x all its keys. Cached on the info (every layer of the step asks the same)."""
+    key = ("kernel", me, src, causal)
+    if key in info.block_cache:
+        return info.block_cache[key]
+    fine = block_pairs(info, me, src, causal)
+    n = info.slot_pos.shape[1]
+    whole = slice(0, n)
+    span = lambda s_: (s_.start, s_.stop)  # noqa: E731  (slices are not hashable before Python 3.12)
+    left = {(span(qs), span(ks)) for qs, ks in fine}
+    out = []
+
+    def take(qs: slice, ks: slice, parts: set) -> bool:
+        segs = _segments(info, me, src, qs, ks, causal)
+        if segs is None:
+            return False
+        if segs.work:
+            out.append((qs, ks, segs))
+        left.difference_update(parts)
+        return True
+
+    halves = sorted({span(qs) for qs, _ in fine} | {span(ks) for _, ks in fine})
+    if len(fine) > 1:
+        take(whole, whole, set(left))
+    for h in halves:  # all queries x one key half, then one query half x all keys
+        both = {(q, h) for q in halves}
+        if len(halves) == 2 and both <= left:
+            take(whole, slice(*h), both)
+    for h in halves:
+        both = {(h, k) for k in halves}
+        if len(halves) == 2 and both <= left:
+            take(slice(*h), whole, both)
+    for qs, ks in fine:
+        if (span(qs), span(ks)) in left:
+            segs = _segments(info, me, src, qs, ks, causal)
+            if segs is None or segs.work:
+                out.append((qs, ks, segs))
+    info.block_cache[key] = out
+    return out
 
 
 def _wait(reqs) -> None:
@@ -105,8 +146,9 @@ class RingAttention(torch.autograd.Function):
             if step < ring - 1:  # start the next hop before computing this one (overlap)
                 nxt = torch.empty_like(kv)
                 reqs = info.comm.ring_exchange([kv], [nxt], group=info.ring_group, tag=_KV_TAG)
-            for qs, ks in block_pairs(info, me, src, causal):
-                segs = _segments(info, me, src, qs, ks, causal) if kernel else None
+            work = kernel_pairs(info, me, src, causal) if kernel else \
+                [(qs, ks, None) for qs, ks in block_pairs(info, me, src, causal)]
+            for qs, ks, segs in work:
                 if segs is not None and b == 1:  # the kernel merges into the accumulators itself
                     block_forward_into(q[:, qs], kv[0][:, ks], kv[1][:, ks], segs, scale, out[:, qs], lse[:, :, qs])
                     continue
@@ -145,8 +187,9 @@ class RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(kv)
                 kv_reqs = info.comm.ring_exchange([kv], [nxt], group=info.ring_group, tag=_KV_TAG)
             contrib = torch.zeros((2,) + tuple(k.shape), dtype=ct, device=dev)
-            for qs, ks in block_pairs(info, me, src, causal):
-                segs = _segments(info, me, src, qs, ks, causal) if kernel else None
+            work = kernel_pairs(info, me, src, causal) if kernel else \
+                [(qs, ks, None) for qs, ks in block_pairs(info, me, src, causal)]
+            for qs, ks, segs in work:
                 if segs is not None and q.shape[0] == 1:  # the kernels add into the accumulators themselves
                     block_backward_into(q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], dout[:, qs],
                                         segs, scale, dq[:, qs], contrib[0][:, ks], contrib[1][:, ks])

@@ -107,3 +107,43 @@ def test_kernel_only_for_half_precision(monkeypatch):
     assert use_block_kernel(x.bfloat16()) == (os.environ.get("TRITON_INTERPRET") == "1")
     monkeypatch.setenv("LONGREACH_RING_KERNEL", "0")
     assert not use_block_kernel(x.bfloat16())
+
+
+@pytest.mark.parametrize("ring,s,packed,layout", [(3, 60, False, "global"), (2, 37, True, "global"),
+                                                  (2, 41, True, "per_doc"), (1, 30, True, "per_doc")])
+def test_kernel_pairs_join_sub_blocks_without_changing_the_step(ring, s, packed, layout):
+    """The ring's joined kernel calls (``kernel_pairs``) compute each step exactly as the torch block over the
+    fine sub-blocks; without documents every step is one kernel call."""
+    from longreach.parallel.ring import kernel_pairs
+
+    torch.manual_seed(ring + s)
+    b, hq, hkv, d, scale = 1, 2, 1, 16, 0.3
+    cu = random_cu_seqlens(b, s, torch.Generator().manual_seed(s)) if packed else None
+    info = _slots(b, s, ring, cu, layout)
+    pos, doc = info.slot_pos, info.slot_doc
+    n = pos.shape[1]
+    x = {r: [torch.randn(b, n, h, d, dtype=torch.float64) for h in (hq, hkv, hkv)] for r in range(ring)}
+    for me in range(ring):
+        q = x[me][0]
+        out, lse = torch.zeros(b, n, hq, d), torch.full((b, hq, n), float("-inf"))
+        ref_out, ref_lse = torch.zeros(b, n, hq, d, dtype=torch.float64), torch.full((b, hq, n), float("-inf"),
+                                                                                    dtype=torch.float64)
+        for src in range(ring):
+            _, k, v = x[src]
+            work = kernel_pairs(info, me, src, True)
+            if not packed:
+                assert len(work) == 1 and work[0][2] is not None, f"me={me} src={src}: {len(work)} calls"
+            for qs, ks, segs in work:
+                if segs is None:
+                    o, l_ = local_attention(q[:, qs], k[:, ks], v[:, ks], scale=scale, causal=True,
+                                            **_mask_args(info, pos, doc, me, src, qs, ks))
+                    merge_(out[:, qs], lse[:, :, qs], o.float(), l_.float())
+                else:
+                    block_forward_into(q[:, qs].float(), k[:, ks].float(), v[:, ks].float(), segs, scale,
+                                       out[:, qs], lse[:, :, qs])
+            for qs, ks in block_pairs(info, me, src, True):
+                ro, rl = local_attention(q[:, qs], k[:, ks], v[:, ks], scale=scale, causal=True,
+                                         **_mask_args(info, pos, doc, me, src, qs, ks))
+                merge_(ref_out[:, qs], ref_lse[:, :, qs], ro, rl)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)

@@ -348,17 +348,20 @@ class FwdCfg:
 # linear_fwd_sweep_h100_2026-11-24.json): 128-token chunks halve the chunk states written and read (forward
 # 0.81 vs 1.02 ms at 32K for 64-token chunks with the old tiles; fla 0.97); the sweep replaces FWD
 FWD = FwdCfg()
+# fp32 inputs on a GPU: 64-token chunks and 64-wide tiles (fp32 tiles of the bf16 config overflow shared memory)
+FWD_FP32 = FwdCfg(bt=64, h_bk=64, h_bv=64, h_warps=4, h_stages=3, o_bk=64, o_bv=64, o_warps=4, o_stages=3)
 
 
 def _fwd(q, k, v, scale, h0, z0, with_den, want_final):
     f32 = _f32(q)
-    cfg = FWD
+    # the interpreter (fp32 dots either way) runs the bf16 config, so CI covers the tiles the GPU runs
+    cfg = FWD_FP32 if (q.dtype == torch.float32 and not _INTERPRET) else FWD
     bt = cfg.bt
     b, t, hq, kd = q.shape
     hkv, vd = k.shape[2], v.shape[3]
     g = hq // hkv
     nt = triton.cdiv(t, bt)
-    bk, bv = (min(cfg.h_bk, _pow2(kd)), min(cfg.h_bv, _pow2(vd))) if not f32 else _blocks(kd, vd)
+    bk, bv = min(cfg.h_bk, _pow2(kd)), min(cfg.h_bv, _pow2(vd))
     dev = q.device
     h = torch.empty(b, nt, hkv, kd, vd, device=dev, dtype=q.dtype)
     zb = torch.empty(b, nt, hkv, kd, device=dev, dtype=torch.float32) if with_den else None
@@ -370,10 +373,7 @@ def _fwd(q, k, v, scale, h0, z0, with_den, want_final):
         num_stages=cfg.h_stages)
     o = torch.empty(b, t, hq, vd, device=dev, dtype=q.dtype)
     den = torch.empty(b, t, hq, device=dev, dtype=torch.float32) if with_den else None
-    if f32:  # fp32 tiles of 128 overflow shared memory
-        bk_o, bv_o = min(64, _pow2(kd)), min(64, _pow2(vd))
-    else:
-        bk_o, bv_o = min(cfg.o_bk, _pow2(kd)), min(cfg.o_bv, _pow2(vd))
+    bk_o, bv_o = min(cfg.o_bk, _pow2(kd)), min(cfg.o_bv, _pow2(vd))
     _fwd_o[(triton.cdiv(vd, bv_o), nt, b * hq)](
         q, k, v, h, zb, o, den, scale, t, nt, HQ=hq, G=g, K=kd, V=vd, BT=bt, BK=bk_o, BV=bv_o,
         WITH_Z=with_den, F32=f32, num_warps=cfg.o_warps, num_stages=cfg.o_stages)

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", choices=("none", "longtail"), default="none",
                    help="longtail: pack each row with documents of long-tailed lengths (log-normal, none over a "
                         "quarter of the row), attention within documents only")
+    p.add_argument("--layout", choices=("per_doc", "global"), default="per_doc",
+                   help="shard layout for packed documents (the trainer's choice for softmax models: per_doc)")
     p.add_argument("--no-peers", action="store_true", help="skip torch native CP and yunchang")
     p.add_argument("--out", default="", help="JSON output path (default bench/results/cp_<world>ranks_<device>.json)")
     p.add_argument("--ranks", type=int, default=0, help="launch this many ranks with torchrun (when not already under it)")
@@ -144,6 +146,7 @@ class Case:
         self.s = a.tokens_per_rank * self.world
         self.device, self.dtype = device, dtype
         self.cu = longtail_cu_seqlens(self.b, self.s) if getattr(a, "docs", "none") == "longtail" else None
+        self.layout = getattr(a, "layout", "per_doc")
         g = torch.Generator().manual_seed(0)
         mk = lambda h: torch.randn(self.b, self.s, h, self.d, generator=g).to(device=device, dtype=dtype)
         self.q, self.k, self.v, self.dout = mk(self.hq), mk(self.hkv), mk(self.hkv), mk(self.hq)
@@ -172,7 +175,7 @@ def _ours(case: Case, strategy: str, uly: int, comm):
     mesh = build_mesh(cp=w, ulysses=uly, strategy=strategy)
     check_heads(num_heads=case.hq, num_kv_heads=case.hkv, ulysses=mesh.ulysses)
     plan = ShardPlan(batch_size=case.b, seq_len=case.s, ring=mesh.ring, ulysses=mesh.ulysses, ring_rank=mesh.ring_rank,
-                     ulysses_rank=mesh.ulysses_rank, cu_seqlens=case.cu)
+                     ulysses_rank=mesh.ulysses_rank, cu_seqlens=case.cu, layout=case.layout)
     info = plan.attn_info(strategy=strategy, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, comm=comm)
     q, k, v = (plan.shard(x).requires_grad_() for x in (case.q, case.k, case.v))
     dout = plan.shard(case.dout)
@@ -393,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = run_bench(a)
     w = dist.get_world_size()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-    meta = dict(world=w, tokens_per_rank=a.tokens_per_rank, seq_len=a.tokens_per_rank * w, batch=a.batch, docs=a.docs,
+    meta = dict(world=w, tokens_per_rank=a.tokens_per_rank, seq_len=a.tokens_per_rank * w, batch=a.batch, docs=a.docs, layout=a.layout,
                 heads=a.heads,
                 kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype, device=dev, iters=a.iters,
                 torch=torch.__version__)

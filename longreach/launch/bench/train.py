@@ -152,6 +152,7 @@ def bench_train(model: nn.Module, *, hf_builder: Callable[[nn.Module], nn.Module
             att = layer.self_attn
             att.impl = registry.build(registry.AttnSpec(attention, i, att.num_heads, att.num_kv_heads, att.head_dim, {}))
             att.attn_name = attention
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     hf = hf_builder(model) if with_hf else None  # copy the weights before our run updates them
     batches = _random_batches(model.args.vocab_size, seq_len, batch_size, warmup + steps)
     ours = _bench_ours(cfg, model, batches, warmup, dist)
@@ -166,7 +167,6 @@ def bench_train(model: nn.Module, *, hf_builder: Callable[[nn.Module], nn.Module
         if m is not None:
             m["model_tflops_per_gpu"] = m["tokens_per_s"] * fpt / dist.world / 1e12
             m["mfu"] = m["model_tflops_per_gpu"] / peak_tf if peak_tf else None
-    n_params = sum(p.numel() for p in model.parameters())
     result = {
         "config": {"seq_len": seq_len, "batch_size": batch_size, "steps": steps, "warmup": warmup,
                    "zero_stage": zero_stage, "precision": "bf16" if resolve_bf16(cfg, dist.device) else "fp32",

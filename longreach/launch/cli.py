@@ -49,8 +49,10 @@ def _cmd_run(kind: str, rest: list[str]) -> int:
         yaml_path = "demo"
     cfg = load_config(_resolve_yaml(yaml_path), overrides)
     from ..recipes import run_recipe
+    from .dist import shutdown_distributed
 
     run_recipe(cfg, mode=kind)
+    shutdown_distributed()  # on success only: a failed rank must not wait in a barrier its peers never reach
     return 0
 
 

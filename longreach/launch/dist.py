@@ -109,3 +109,16 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     # torch.distributed is already up: DeepSpeed wraps the existing default group (no MPI discovery)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    """End a multi-process run cleanly: wait for every rank, then tear the process group down, so no rank exits
+    while a peer's transport still talks to it (gloo aborts the survivor with SIGABRT otherwise). No-op without a
+    process group."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    try:
+        if tdist.get_world_size() > 1:
+            tdist.barrier()
+    finally:
+        tdist.destroy_process_group()

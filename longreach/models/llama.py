@@ -215,12 +215,20 @@ class LlamaForCausalLM(nn.Module):
 
         ``labels`` [B, S] are already shifted (label at t is the token at t+1; -100 = ignore), so a
         sequence sharded across ranks needs no shift at shard boundaries. Logits are computed ``chunk``
-        tokens at a time in fp32, so a long sequence never holds [S, V] fp32 logits at once.
+        tokens at a time in fp32, and under autograd each chunk is recomputed in the backward instead of kept,
+        so a long sequence never holds [S, V] logits (at 64K tokens and a 128K vocabulary that is 32 GiB in fp32).
         """
         h = self.hidden_states(input_ids, position_ids, ctx).flatten(0, 1)  # [B*S, H]
         y = labels.flatten()
         total = h.new_zeros((), dtype=torch.float32)
+        recompute = torch.is_grad_enabled() and h.requires_grad and h.shape[0] > chunk
         for a in range(0, h.shape[0], chunk):
-            logits = self.lm_head(h[a:a + chunk]).float()
-            total = total + F.cross_entropy(logits, y[a:a + chunk], ignore_index=-100, reduction="sum")
+            if recompute:
+                part = checkpoint(self._chunk_loss, h[a:a + chunk], y[a:a + chunk], use_reentrant=False)
+            else:
+                part = self._chunk_loss(h[a:a + chunk], y[a:a + chunk])
+            total = total + part
         return total, (y != -100).sum()
+
+    def _chunk_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(h).float(), y, ignore_index=-100, reduction="sum")

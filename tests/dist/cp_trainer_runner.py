@@ -99,6 +99,9 @@ def main(argv):
     dist = init_distributed()
     for run in json.loads(Path(argv[0]).read_text())["runs"]:
         run_one(run, dist)
+    from longreach.launch.dist import shutdown_distributed
+
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def main(argv):
     spec = json.loads(Path(argv[0]).read_text())
     for run in spec["runs"]:
         run_one(run, dist)
+    from longreach.launch.dist import shutdown_distributed
+
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -180,3 +180,30 @@ def block_backward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     lse3 = lse[0].float().contiguous().view(hq, -1)
     tk.attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse3, cu_q, cu_k, segs.max_q,
                           segs.max_k, causal=segs.mask == "causal", scale=scale, acc=(dq[0], dk[0], dv[0]))
+
+
+def block_forward_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: BlockSegments, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole step as one call writing the final result (a one-slot ring: Ulysses, or one rank): out in q's dtype
+    [B, S, Hq, D], lse fp32 [B, Hq, S]; no fp32 accumulators, no merge."""
+    from ..kernels.flash import triton as tk
+
+    b, sq, hq, d = q.shape
+    cu_q, cu_k = segs.on(q.device)
+    out, lse = tk.attention_forward(_flat(q), _flat(k), _flat(v), cu_q, cu_k, segs.max_q,
+                                    causal=segs.mask == "causal", scale=scale, out_dtype=q.dtype)
+    return out.view(b, sq, hq, d), lse.view(hq, b, sq).transpose(0, 1)
+
+
+def block_backward_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          dout: torch.Tensor, segs: BlockSegments, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``block_forward_direct`` in the inputs' dtypes."""
+    from ..kernels.flash import triton as tk
+
+    b, sq, hq, d = q.shape
+    cu_q, cu_k = segs.on(q.device)
+    lse3 = lse.transpose(0, 1).reshape(hq, b * sq).float().contiguous()
+    dq, dk, dv = tk.attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse3, cu_q, cu_k,
+                                       segs.max_q, segs.max_k, causal=segs.mask == "causal", scale=scale)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)

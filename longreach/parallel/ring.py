@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from .kernel_block import (block_backward, block_backward_into, block_forward, block_forward_into, block_segments,
-                           use_block_kernel)
+from .kernel_block import (block_backward, block_backward_direct, block_backward_into, block_forward,
+                           block_forward_direct, block_forward_into, block_segments, use_block_kernel)
 from .local import local_attention, local_attention_backward
 from .merge import merge_
 from .plan import CPAttnInfo
@@ -120,6 +120,17 @@ def kernel_pairs(info: CPAttnInfo, me: int, src: int, causal: bool) -> list[tupl
     return out
 
 
+def _one_call(info: CPAttnInfo, causal: bool, n: int):
+    """Segments when the whole of a one-slot ring is one kernel call over the slot (Ulysses, one rank), else None."""
+    if info.ring_size != 1:
+        return None
+    work = kernel_pairs(info, 0, 0, causal)
+    if len(work) == 1 and work[0][2] is not None and (work[0][0].start, work[0][0].stop) == (0, n) and \
+            (work[0][1].start, work[0][1].stop) == (0, n):
+        return work[0][2]
+    return None
+
+
 def _wait(reqs) -> None:
     for r in reqs or ():
         r.wait()
@@ -136,6 +147,13 @@ class RingAttention(torch.autograd.Function):
         doc = None if info.slot_doc is None else info.slot_doc.to(dev)
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, n, hq, d = q.shape
+        direct = _one_call(info, causal, n) if use_block_kernel(q) else None
+        if direct is not None:  # one slot, one call: the kernel writes the final out; nothing to merge
+            out, lse = block_forward_direct(q, k, v, direct, scale)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.info, ctx.causal, ctx.scale, ctx.direct = info, causal, scale, direct
+            ctx.mark_non_differentiable(lse)
+            return out, lse
         out = torch.zeros(b, n, hq, d, dtype=ct, device=dev)
         lse = torch.full((b, hq, n), float("-inf"), dtype=ct, device=dev)
         kv = torch.stack([k, v]).contiguous()  # [2, B, n, Hkv, D]: one message per hop, KV heads as they are
@@ -162,7 +180,7 @@ class RingAttention(torch.autograd.Function):
                 _wait(reqs)
                 kv = nxt
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.info, ctx.causal, ctx.scale = info, causal, scale
+        ctx.info, ctx.causal, ctx.scale, ctx.direct = info, causal, scale, None
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
@@ -170,6 +188,9 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         info, causal, scale = ctx.info, ctx.causal, ctx.scale
+        if ctx.direct is not None:
+            dq, dk, dv = block_backward_direct(q, k, v, out, lse, dout, ctx.direct, scale)
+            return dq, dk, dv, None, None, None
         ring, me = info.ring_size, info.ring_rank
         dev = q.device
         pos = info.slot_pos.to(dev)

@@ -147,3 +147,28 @@ def test_kernel_pairs_join_sub_blocks_without_changing_the_step(ring, s, packed,
                 merge_(ref_out[:, qs], ref_lse[:, :, qs], ro, rl)
         torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=0)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+
+
+def test_one_slot_ring_is_one_kernel_call_equal_to_flash_attention():
+    """A one-slot ring (Ulysses after its all-to-all, or one rank) runs the whole row as one kernel call writing the
+    final output: equal to flash_attention on the same documents, forward and backward."""
+    from longreach.kernels.flash import flash_attention
+    from longreach.parallel.hybrid import cp_attention
+    from longreach.parallel.plan import single_rank_info
+    from longreach.parallel.ring import _one_call
+
+    torch.manual_seed(4)
+    s = 70
+    cu = torch.tensor([0, 20, 21, 70], dtype=torch.int32)
+    info = single_rank_info(batch_size=1, seq_len=s, cu_seqlens=cu)
+    assert _one_call(info, True, s) is not None
+    q, k, v = (torch.randn(1, s, h, 16).bfloat16().requires_grad_() for h in (4, 2, 2))
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn(1, s, 4, 16).bfloat16()
+    out = cp_attention(q, k, v, info=info, causal=True)
+    out.backward(do)
+    ref, _ = flash_attention(q2, k2, v2, causal=True, cu_seqlens=cu)
+    ref.backward(do)
+    assert out.dtype == torch.bfloat16
+    for a, b in ((out, ref), (q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

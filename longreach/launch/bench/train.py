@@ -93,8 +93,8 @@ def _summary(step_times: list[float], tokens_per_step: int, peak: int) -> dict:
             "peak_mem_bytes": peak, "step_times_s": step_times}
 
 
-def _bench_ours(cfg: RunConfig, model: nn.Module, batches, warmup: int, dist: DistInfo) -> dict:
-    trainer = Trainer(cfg, model, dist=dist, save_checkpoints=False)
+def _bench_ours(cfg: RunConfig, model: nn.Module, batches, warmup: int, dist: DistInfo, par=None) -> dict:
+    trainer = Trainer(cfg, model, dist=dist, save_checkpoints=False, **(par.trainer_kwargs() if par else {}))
     reset_peak_memory(dist.device)
     hist = trainer.train(iter(batches), start_step=1)
     peak = peak_memory_bytes(dist.device)
@@ -135,16 +135,31 @@ def bench_train(model: nn.Module, *, hf_builder: Callable[[nn.Module], nn.Module
                 steps: int = 5, warmup: int = 2, zero_stage: int = 0, precision: str = "auto", batch_size: int = 1,
                 activation_checkpointing: bool = False, dist: Optional[DistInfo] = None,
                 out_json: Optional[str | Path] = None, out_dir: str = "runs/bench", attention: str = "dense",
-                with_hf: bool = True) -> dict:
+                with_hf: bool = True, cp: int = 1, strategy: str = "ring", ulysses: int = 1) -> dict:
     """Time ``warmup + steps`` training steps of ``model`` (our LlamaForCausalLM) with the Trainer, then of
-    ``hf_builder(model)`` with plain DeepSpeed; returns {"config", "ours", "hf", "speedup"} and writes JSON."""
+    ``hf_builder(model)`` with plain DeepSpeed; returns {"config", "ours", "hf", "speedup"} and writes JSON.
+
+    ``cp > 1``: context parallel over ``cp`` ranks (``strategy``/``ulysses`` as ``parallel.*``; data parallel over
+    the rest of the world), every layer on the strategy's attention; no HF peer then (it has no CP). Tokens/s are
+    global (every rank's real tokens per step); MFU is per GPU."""
     dist = dist or init_distributed()
+    if cp > 1 and with_hf:
+        raise ValueError("bench train: the transformers peer has no context parallelism; pass with_hf=False (--no-hf)")
     cfg = load_config(overrides=[
         f"out_dir={out_dir}", "name=bench_train", f"train.steps={warmup + steps}", f"train.zero_stage={zero_stage}",
         f"train.precision={precision}", f"data.seq_len={seq_len}", f"data.batch_size={batch_size}",
         f"train.activation_checkpointing={str(activation_checkpointing).lower()}", "train.warmup_steps=1",
         "train.lr=1e-5", "tracking.wandb=false", "tracking.progress=false", "train.resume=false",
-        f"model.attention={attention}"])
+        f"model.attention={attention}", f"parallel.cp={cp}", f"parallel.strategy={strategy}",
+        f"parallel.ulysses={ulysses}"])
+    par = None
+    if cp > 1:
+        from ...parallel.setup import cp_model_config, setup_parallel
+
+        cfg = cp_model_config(cfg)
+        attention = cfg.model.attention  # the strategy's attention on every softmax layer
+        par = setup_parallel(cfg, dist, num_heads=model.args.num_attention_heads,
+                             num_kv_heads=model.args.num_key_value_heads)
     if attention != "dense":  # every layer on this attention implementation (the registry's name)
         from ...attention import registry
 
@@ -155,7 +170,14 @@ def bench_train(model: nn.Module, *, hf_builder: Callable[[nn.Module], nn.Module
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     hf = hf_builder(model) if with_hf else None  # copy the weights before our run updates them
     batches = _random_batches(model.args.vocab_size, seq_len, batch_size, warmup + steps)
-    ours = _bench_ours(cfg, model, batches, warmup, dist)
+    ours = _bench_ours(cfg, model, batches, warmup, dist, par)
+    if dist.world > 1:  # peak memory per GPU: the largest over the ranks
+        import torch.distributed as tdist
+
+        peak = torch.tensor([float(ours["peak_mem_bytes"])],
+                            device=dist.device if dist.device.type == "cuda" else "cpu")
+        tdist.all_reduce(peak, op=tdist.ReduceOp.MAX)
+        ours["peak_mem_bytes"] = int(peak.item())
     gc.collect()
     if dist.device.type == "cuda":
         model.to("cpu")
@@ -173,7 +195,8 @@ def bench_train(model: nn.Module, *, hf_builder: Callable[[nn.Module], nn.Module
                    "activation_checkpointing": activation_checkpointing, "world": dist.world,
                    "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
                    "layers": model.args.num_hidden_layers, "torch": torch.__version__, "attention": attention,
-                   "params": n_params, "flops_per_token": fpt, "peak_tflops_per_gpu": peak_tf},
+                   "params": n_params, "flops_per_token": fpt, "peak_tflops_per_gpu": peak_tf,
+                   "cp": cp, "strategy": strategy if cp > 1 else None, "ulysses": ulysses if cp > 1 else None},
         "ours": ours, "hf": theirs,
         "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"] if theirs else None,
     }
@@ -213,6 +236,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         "Llama-3.2-1B-shaped")
     p.add_argument("--attention", default="dense", help="model.attention (dense = torch SDPA, flash = our kernel)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers + DeepSpeed comparison")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (launch under torchrun; implies --no-hf)")
+    p.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "hybrid"], help="parallel.strategy")
+    p.add_argument("--ulysses", type=int, default=1, help="parallel.ulysses (ulysses: = cp; hybrid: divides cp)")
     p.add_argument("--layers", type=int, default=0, help="keep only the first N layers (0 = all)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
@@ -241,7 +267,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model, _ = load_model(mcfg, device="cpu", dtype=torch.float32, max_seq_len=a.seq_len)
     return bench_train(model, seq_len=a.seq_len, steps=a.steps, warmup=a.warmup, zero_stage=a.zero,
                        precision=a.precision, batch_size=a.batch_size, activation_checkpointing=a.activation_checkpointing,
-                       dist=dist, out_json=a.out, attention=a.attention, with_hf=not a.no_hf)
+                       dist=dist, out_json=a.out, attention=a.attention, with_hf=not (a.no_hf or a.cp > 1),
+                       cp=a.cp, strategy=a.strategy, ulysses=a.ulysses)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,4 @@ def test_bench_train_context_parallel_two_ranks(tmp_path, strategy):
     assert c["cp"] == 2 and c["strategy"] == strategy and c["world"] == 2 and c["attention"] == strategy
     assert data["hf"] is None and data["ours"]["tokens_per_s"] > 0 and data["ours"]["peak_mem_bytes"] > 0
     assert c["params"] > 0 and c["flops_per_token"] > 0
+    assert len(data["ours"]["losses"]) == 2 and all(x > 0 for x in data["ours"]["losses"])

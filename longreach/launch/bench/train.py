@@ -99,7 +99,9 @@ def _bench_ours(cfg: RunConfig, model: nn.Module, batches, warmup: int, dist: Di
     hist = trainer.train(iter(batches), start_step=1)
     peak = peak_memory_bytes(dist.device)
     del trainer
-    return _summary([m["step_time_s"] for m in hist[warmup:]], hist[0]["tokens"], peak)
+    out = _summary([m["step_time_s"] for m in hist[warmup:]], hist[0]["tokens"], peak)
+    out["losses"] = [m["loss"] for m in hist]  # every step's, warmup included (CP vs no-CP runs compare these)
+    return out
 
 
 def _bench_hf(cfg: RunConfig, hf: nn.Module, batches, warmup: int, dist: DistInfo) -> dict:

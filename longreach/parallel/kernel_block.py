@@ -125,35 +125,31 @@ def block_segments(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: Optional[tor
                          work=any(a > 0 and c > 0 for a, c in zip(lens_q, lens_k)))
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-2], x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: BlockSegments, scale: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out fp32 [B, Sq, Hq, D], lse fp32 [B, Hq, Sq] (as ``local_attention``)."""
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: BlockSegments, scale: float,
+                  out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, Hq, D] in ``out_dtype`` (fp32 for a block that is merged,
+    as ``local_attention``; the input dtype for the one call of a one-slot ring), lse fp32 [B, Hq, Sq]."""
+    from ..kernels.flash import lse_to_user, to_packed
     from ..kernels.flash import triton as tk
 
-    b, sq, hq, d = q.shape
     cu_q, cu_k = segs.on(q.device)
-    out, lse = tk.attention_forward(_flat(q), _flat(k), _flat(v), cu_q, cu_k, segs.max_q,
-                                    causal=segs.mask == "causal", scale=scale, out_dtype=torch.float32)
-    return out.view(b, sq, hq, d), lse.view(hq, b, sq).transpose(0, 1)
+    out, lse = tk.attention_forward(to_packed(q), to_packed(k), to_packed(v), cu_q, cu_k, segs.max_q,
+                                    causal=segs.mask == "causal", scale=scale, out_dtype=out_dtype)
+    return out.view(q.shape), lse_to_user(lse, q)
 
 
 def block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   dout: torch.Tensor, segs: BlockSegments, scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This block's (dq, dk, dv) in fp32 given the rows' FINAL merged out [B, Sq, Hq, D] and lse [B, Hq, Sq]."""
+                   dout: torch.Tensor, segs: BlockSegments, scale: float,
+                   grad_dtype: Optional[torch.dtype] = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This block's (dq, dk, dv) given the rows' FINAL merged out [B, Sq, Hq, D] and lse [B, Hq, Sq]: fp32 (summed
+    over the ring's hops), or ``grad_dtype=None`` for the inputs' dtypes (a one-slot ring's one call)."""
+    from ..kernels.flash import lse_from_user, to_packed
     from ..kernels.flash import triton as tk
 
-    b, sq, hq, d = q.shape
     cu_q, cu_k = segs.on(q.device)
-    lse3 = lse.transpose(0, 1).reshape(hq, b * sq).float().contiguous()
-    dq, dk, dv = tk.attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse3, cu_q, cu_k,
-                                       segs.max_q, segs.max_k, causal=segs.mask == "causal", scale=scale,
-                                       grad_dtype=torch.float32)
+    dq, dk, dv = tk.attention_backward(to_packed(dout), to_packed(q), to_packed(k), to_packed(v), to_packed(out),
+                                       lse_from_user(lse, q), cu_q, cu_k, segs.max_q, segs.max_k,
+                                       causal=segs.mask == "causal", scale=scale, grad_dtype=grad_dtype)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
@@ -161,11 +157,13 @@ def block_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: 
                        out: torch.Tensor, lse: torch.Tensor) -> None:
     """Batch 1: merge this block into the running fp32 ``out`` [1, Sq, Hq, D] and ``lse`` [1, Hq, Sq] (views of the
     ring's accumulators) inside the kernel, in place: no block result in memory, no separate merge pass."""
+    from ..kernels.flash import to_packed
     from ..kernels.flash import triton as tk
 
     cu_q, cu_k = segs.on(q.device)
-    tk.attention_forward(_flat(q), _flat(k), _flat(v), cu_q, cu_k, segs.max_q, causal=segs.mask == "causal",
-                         scale=scale, out_dtype=torch.float32, out=out[0], lse=lse[0], accumulate=True)
+    tk.attention_forward(to_packed(q), to_packed(k), to_packed(v), cu_q, cu_k, segs.max_q,
+                         causal=segs.mask == "causal", scale=scale, out_dtype=torch.float32, out=out[0], lse=lse[0],
+                         accumulate=True)
 
 
 def block_backward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -173,37 +171,10 @@ def block_backward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         dv: torch.Tensor) -> None:
     """Batch 1: add this block's gradients into the fp32 accumulators ``dq`` [1, Sq, Hq, D], ``dk``/``dv``
     [1, Sk, Hkv, D] (views of the ring's buffers) inside the kernels, in place."""
+    from ..kernels.flash import lse_from_user, to_packed
     from ..kernels.flash import triton as tk
 
-    hq = q.shape[2]
     cu_q, cu_k = segs.on(q.device)
-    lse3 = lse[0].float().contiguous().view(hq, -1)
-    tk.attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse3, cu_q, cu_k, segs.max_q,
-                          segs.max_k, causal=segs.mask == "causal", scale=scale, acc=(dq[0], dk[0], dv[0]))
-
-
-def block_forward_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: BlockSegments, scale: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole step as one call writing the final result (a one-slot ring: Ulysses, or one rank): out in q's dtype
-    [B, S, Hq, D], lse fp32 [B, Hq, S]; no fp32 accumulators, no merge."""
-    from ..kernels.flash import triton as tk
-
-    b, sq, hq, d = q.shape
-    cu_q, cu_k = segs.on(q.device)
-    out, lse = tk.attention_forward(_flat(q), _flat(k), _flat(v), cu_q, cu_k, segs.max_q,
-                                    causal=segs.mask == "causal", scale=scale, out_dtype=q.dtype)
-    return out.view(b, sq, hq, d), lse.view(hq, b, sq).transpose(0, 1)
-
-
-def block_backward_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          dout: torch.Tensor, segs: BlockSegments, scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``block_forward_direct`` in the inputs' dtypes."""
-    from ..kernels.flash import triton as tk
-
-    b, sq, hq, d = q.shape
-    cu_q, cu_k = segs.on(q.device)
-    lse3 = lse.transpose(0, 1).reshape(hq, b * sq).float().contiguous()
-    dq, dk, dv = tk.attention_backward(_flat(dout), _flat(q), _flat(k), _flat(v), _flat(out), lse3, cu_q, cu_k,
-                                       segs.max_q, segs.max_k, causal=segs.mask == "causal", scale=scale)
-    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+    tk.attention_backward(to_packed(dout), to_packed(q), to_packed(k), to_packed(v), to_packed(out),
+                          lse_from_user(lse, q), cu_q, cu_k, segs.max_q, segs.max_k, causal=segs.mask == "causal",
+                          scale=scale, acc=(dq[0], dk[0], dv[0]))

@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from .kernel_block import (block_backward, block_backward_direct, block_backward_into, block_forward,
-                           block_forward_direct, block_forward_into, block_segments, use_block_kernel)
+from .kernel_block import (block_backward, block_backward_into, block_forward, block_forward_into, block_segments,
+                           use_block_kernel)
 from .local import local_attention, local_attention_backward
 from .merge import merge_
 from .plan import CPAttnInfo
@@ -131,6 +131,15 @@ def _one_call(info: CPAttnInfo, causal: bool, n: int):
     return None
 
 
+def _masks_on(info: CPAttnInfo, dev: torch.device):
+    """Slot positions and document ids on ``dev`` for the torch block, copied once per step (not per layer)."""
+    key = ("masks", str(dev))
+    if key not in info.block_cache:
+        info.block_cache[key] = (info.slot_pos.to(dev),
+                                 None if info.slot_doc is None else info.slot_doc.to(dev))
+    return info.block_cache[key]
+
+
 def _wait(reqs) -> None:
     for r in reqs or ():
         r.wait()
@@ -143,13 +152,12 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, info: CPAttnInfo, causal: bool, scale: float):
         ring, me = info.ring_size, info.ring_rank
         dev = q.device
-        pos = info.slot_pos.to(dev)
-        doc = None if info.slot_doc is None else info.slot_doc.to(dev)
+        pos, doc = _masks_on(info, dev)
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, n, hq, d = q.shape
         direct = _one_call(info, causal, n) if use_block_kernel(q) else None
         if direct is not None:  # one slot, one call: the kernel writes the final out; nothing to merge
-            out, lse = block_forward_direct(q, k, v, direct, scale)
+            out, lse = block_forward(q, k, v, direct, scale, out_dtype=q.dtype)
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.info, ctx.causal, ctx.scale, ctx.direct = info, causal, scale, direct
             ctx.mark_non_differentiable(lse)
@@ -189,12 +197,11 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         info, causal, scale = ctx.info, ctx.causal, ctx.scale
         if ctx.direct is not None:
-            dq, dk, dv = block_backward_direct(q, k, v, out, lse, dout, ctx.direct, scale)
+            dq, dk, dv = block_backward(q, k, v, out, lse, dout, ctx.direct, scale, grad_dtype=None)
             return dq, dk, dv, None, None, None
         ring, me = info.ring_size, info.ring_rank
         dev = q.device
-        pos = info.slot_pos.to(dev)
-        doc = None if info.slot_doc is None else info.slot_doc.to(dev)
+        pos, doc = _masks_on(info, dev)
         ct = out.dtype
         dq = torch.zeros(q.shape, dtype=ct, device=dev)
         kv = torch.stack([k, v]).contiguous()

@@ -17,7 +17,6 @@ import torch
 from ..flash import flash_attention, run_attention
 from .pattern import S2Pattern, as_pattern
 from .reference import s2_reference
-from .triton import sparse_args
 
 
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int = 128, window: int = 2048,
@@ -35,8 +34,13 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: in
     def allowed(doc: int, sq: int, sk: int) -> torch.Tensor:
         return pattern.token_mask(sq, hkv, device=q.device)
 
+    def sparse(n: int, dev: torch.device):  # only on the kernel path: Triton is imported there, not here
+        from .triton import sparse_args
+
+        return sparse_args(pattern, n, dev)
+
     out, lse = run_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                             sparse=lambda n, dev: sparse_args(pattern, n, dev), pack=group, allowed=allowed,
+                             sparse=sparse, pack=group, allowed=allowed,
                              name="s2_attention")
     return (out, lse) if return_lse else out
 

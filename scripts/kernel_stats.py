@@ -1,0 +1,137 @@
+"""Compile the flash/S2 Triton kernels for an H100/H200 (sm_90a) on a machine WITHOUT a GPU and print each kernel's
+registers, spills, shared memory and matrix instructions (ptxas -v + cuobjdump), at no device time.
+
+    python scripts/kernel_stats.py [--sparse] [--docs] [--sass DIR] [--override 'fwd=128,128,8,3' ...]
+
+Triton compiles for an explicit target: a stand-in driver reports compute capability 9.0, every launch is turned
+into a warm-up (compile only, no launch), and the drivers of ``longreach.kernels.flash.triton`` run unchanged on CPU
+tensors. Needs the ``triton`` package (its bundled ptxas/cuobjdump) but no CUDA device. Must not run under
+TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as _driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _Sm90Driver(triton.backends.nvidia.driver.CudaDriver):  # type: ignore[attr-defined]
+    def __init__(self):  # no CUDA utils: nothing is loaded or launched
+        self.get_current_device = lambda: 0
+        self.get_current_stream = lambda idx=None: 0
+        self.set_current_device = lambda idx: None
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+COMPILED: list = []
+_orig_run = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    k = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+    COMPILED.append((self.fn.__name__, kwargs, k))
+    return None
+
+
+def _tools():
+    from triton.backends.nvidia.compiler import get_ptxas  # the ptxas this Triton compiles with
+
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return get_ptxas(90).path, os.path.join(base, "cuobjdump")
+
+
+def stats(name: str, k) -> dict:
+    ptxas, cuobjdump = _tools()
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True).stderr
+        cub = os.path.join(d, "k.cubin")
+        with open(cub, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([cuobjdump, "-sass", cub], capture_output=True, text=True).stdout
+    if "Used" not in log:
+        raise RuntimeError(f"ptxas gave no resource report for {name}:\n{log[-2000:]}")
+    g = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0  # noqa: E731
+    return dict(kernel=name, regs=g(r"Used (\d+) registers"), spill_st=g(r"(\d+) bytes spill stores"),
+                spill_ld=g(r"(\d+) bytes spill loads"), stack=g(r"(\d+) bytes stack frame"),
+                smem=k.metadata.shared, hgmma=len(re.findall(r"\bHGMMA", sass)), hmma=len(re.findall(r"\bHMMA", sass)),
+                ldgsts=len(re.findall(r"LDGSTS", sass)), utmaldg=len(re.findall(r"UTMALDG", sass)),
+                ldl=len(re.findall(r"\bLDL", sass)), stl=len(re.findall(r"\bSTL", sass)), sass=sass)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparse", action="store_true", help="S2 pattern (block 128, window 2048, sink 128, stride 8)")
+    ap.add_argument("--docs", action="store_true", help="packed documents (varlen)")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--override", nargs="*", default=[], help="kernel=m,n,warps,stages or flag=0/1 (OVERRIDE keys)")
+    ap.add_argument("--sass", help="write each kernel's SASS into this folder")
+    a = ap.parse_args(argv)
+    _driver.set_active(_Sm90Driver())
+    JITFunction.run = _compile_only
+    from longreach.kernels.flash import triton as tk
+
+    for o in a.override:
+        key, val = o.split("=")
+        if "," in val:
+            m, n, w, s = map(int, val.split(","))
+            tk.OVERRIDE[(key, a.sparse)] = tk.Tile(m, n, w, s)
+        else:
+            tk.OVERRIDE[key] = bool(int(val))
+    t, hq, hkv, d = 1024, a.heads, a.kv_heads, a.head_dim
+    q = torch.randn(t, hq, d, dtype=torch.bfloat16)
+    k = torch.randn(t, hkv, d, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cu = torch.tensor([0, 300, t] if a.docs else [0, t], dtype=torch.int32)
+    sp = None
+    if a.sparse:
+        sp = tk.SparseArgs(block=128, window_blocks=16, sink_blocks=1, stride=8,
+                           dense_heads=torch.zeros(hkv, dtype=torch.int32))
+    pack = hq // hkv if a.sparse else 1
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, t, dtype=torch.float32)
+    tk.attention_forward(q, k, v, cu, cu, t, causal=True, scale=d ** -0.5, out_dtype=q.dtype, sparse=sp, pack=pack,
+                         out=out, lse=lse)
+    tk.attention_backward(torch.randn_like(q), q, k, v, out, lse, cu, cu, t, t, causal=True, scale=d ** -0.5,
+                          sparse=sp, pack=pack)
+    print(f"{'kernel':<18} {'tiles':<50} {'regs':>4} {'spill st/ld':>12} {'stack':>5} {'smem':>6} "
+          f"{'HGMMA':>5} {'HMMA':>4} {'TMA':>4} {'LDL/STL':>8}")
+    for name, kw, k in COMPILED:
+        if name == "_bwd_delta":
+            continue
+        s = stats(name, k)
+        tiles = ",".join(f"{x}={kw[x]}" for x in kw if x.startswith("BLOCK") or x in ("num_warps", "num_stages"))
+        print(f"{name:<18} {tiles:<50} {s['regs']:>4} {s['spill_st']:>5}/{s['spill_ld']:<6} {s['stack']:>5} "
+              f"{s['smem']:>6} {s['hgmma']:>5} {s['hmma']:>4} {s['utmaldg']:>4} {s['ldl']:>3}/{s['stl']:<4}")
+        if a.sass:
+            os.makedirs(a.sass, exist_ok=True)
+            with open(os.path.join(a.sass, f"{name}.sass"), "w") as f:
+                f.write(s["sass"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

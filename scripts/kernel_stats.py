@@ -89,10 +89,14 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--override", nargs="*", default=[], help="kernel=m,n,warps,stages or flag=0/1 (OVERRIDE keys)")
     ap.add_argument("--sass", help="write each kernel's SASS into this folder")
+    ap.add_argument("--no-tma", action="store_true", help="the backward's pointer-load path instead of TMA")
     a = ap.parse_args(argv)
     _driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
     from longreach.kernels.flash import triton as tk
+
+    # CPU tensors stand in for the GPU's: decide TMA as an sm_90 GPU would (descriptors over 16-byte aligned rows)
+    tk._use_tma = lambda *xs: not a.no_tma  # noqa: E731
 
     for o in a.override:
         key, val = o.split("=")

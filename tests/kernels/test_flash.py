@@ -64,6 +64,23 @@ def test_flash_fused_backward(monkeypatch):
     check_against_reference(rand(100, 4, 64), rand(100, 2, 64), rand(100, 2, 64), cu)
 
 
+def test_flash_backward_tma_and_pointer_loads_agree(monkeypatch):
+    """The backward's two load paths (TMA tensor descriptors, the default where supported; per-thread pointers)
+    both match the reference on packed documents with GQA, and the descriptor path is the one taken by default."""
+    from longreach.kernels.flash import triton as tk
+
+    used = []
+    real = tk._descs
+    monkeypatch.setattr(tk, "_descs", lambda on, xs, box: (used.append(on), real(on, xs, box))[1])
+    cu = torch.tensor([0, 37, 38, 121], dtype=torch.int32)
+    for tma in (True, False):
+        monkeypatch.setitem(tk.OVERRIDE, "bwd_tma", tma)
+        torch.manual_seed(11)
+        check_against_reference(rand(121, 4, 64), rand(121, 2, 64), rand(121, 2, 64), cu)
+        assert used and all(u == tma for u in used)
+        used.clear()
+
+
 def test_flash_atomic_dq_backward(monkeypatch):
     """dq added by the dk/dv programs with atomics (no dq pass) gives the same gradients: packed documents,
     GQA, odd lengths, and the ring's block backward with fp32 gradients."""

@@ -69,6 +69,15 @@ def test_s2_atomic_dq_backward(monkeypatch):
     run_case(230, 2, 1, S2Pattern(block=32, window=32, sink=32, stride=2), docs=[0, 97, 98, 230])
 
 
+def test_s2_backward_pointer_loads(monkeypatch):
+    """The backward's pointer-load path (where TMA descriptors are unavailable) on the sparse walk with documents."""
+    from longreach.kernels.flash import triton as tk
+
+    monkeypatch.setitem(tk.OVERRIDE, "bwd_tma", False)
+    torch.manual_seed(7)
+    run_case(230, 2, 1, S2Pattern(block=32, window=32, sink=32, stride=2), docs=[0, 97, 98, 230])
+
+
 def test_heads_together_cover_context():
     p = S2Pattern(block=16, window=16, sink=0, stride=4)
     m = p.token_mask(128, 4)  # [Hkv, S, S]

@@ -22,6 +22,8 @@ Speed notes (H100): only the causal diagonal tiles and a document's last partial
 grid puts the heads of a tile next to each other and the heaviest tiles first (short tail, K/V shared in L2);
 the backward runs dk/dv per KV tile (the GQA group's q heads packed into the q tile rows, so each KV tile is
 loaded once) and dq per q tile, as two launches or (``FUSED_BWD``) as the two halves of one. Tiles per kernel
+the backward's streamed tiles (q/dout in dk/dv, K/V in dq) come by TMA tensor-descriptor loads on Hopper and in
+the interpreter (``BWD_TMA``; per-thread pointer loads elsewhere, same results bit for bit). Tiles per kernel
 are fixed from a sweep (``longreach/launch/bench/flash_sweep.py``, see ``TILES``), no autotune: no tuning
 time at a new length, and no autotuner noise picking a slower config.
 """
@@ -35,6 +37,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    _TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 
@@ -236,10 +243,14 @@ def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, st
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, lo, hi, cols, qk_scale,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, lo, hi, j0, qk_scale,
                 stride_qt, stride_qh, stride_dot, stride_doh, dq_base, stride_dqt, stride_dqh, sm_scale,
+                QD, DOD, q_row0, head0, stride_lh,
                 MASK_CAUSAL: tl.constexpr, MASK_ROWS: tl.constexpr, IDX64: tl.constexpr, PACK: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr):
+    # TMA: q/dout tiles come by tensor-descriptor loads (QD/DOD over [Tq, Hq, D], box [ROWS, PACK, D] at document
+    # row q_row0 + start, head head0); rows past the document then hold the next document's values (or zeros at
+    # the end), which lse=+inf turns into p = 0 exactly as the masked loads' zeros
     ROWS: tl.constexpr = BLOCK_M // PACK
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -251,18 +262,29 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head
         if MASK_ROWS:
             # rows past the document: lse=+inf makes p exactly 0
             row_ok = tok < q_len
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_base + tok, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + tok, mask=row_ok, other=0.0)
+            if TMA:
+                q = QD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+                do = DOD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+            else:
+                q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            rowoff = (head0 + offs_m % PACK) * stride_lh + tok
+            lse = tl.load(lse_base + rowoff, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + rowoff, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(lse_base + tok)
-            delta = tl.load(delta_base + tok)
+            if TMA:
+                q = QD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+                do = DOD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            rowoff = (head0 + offs_m % PACK) * stride_lh + tok
+            lse = tl.load(lse_base + rowoff)
+            delta = tl.load(delta_base + rowoff)
         qkT = tl.dot(k, tl.trans(q))  # [BN, BM]
         pT = tl.math.exp2(qkT * qk_scale - (lse * 1.4426950408889634)[None, :])
         if MASK_CAUSAL:
+            cols = j0 + tl.arange(0, k.shape[0])
             pT = tl.where(cols[:, None] <= tok[None, :], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
@@ -283,10 +305,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head
 def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-               sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
+               sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh, QD, DOD,
                GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ACC: tl.constexpr):
+               BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr):
     # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
     hkv = pid % N_KV
     pid_n = pid // N_KV
@@ -328,23 +350,28 @@ def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale
             lo = 0
         full_hi = lo + (tl.maximum(q_hi - lo, 0) // ROWS) * ROWS
         for g in range(GROUP // PACK):
-            head = hkv * GROUP + g * PACK + offs_m % PACK
-            lse_base = LSE + head * stride_lh + q_start
-            delta_base = DELTA + head * stride_lh + q_start
+            head0 = hkv * GROUP + g * PACK
+            head = head0 + offs_m % PACK
+            lse_base = LSE + q_start  # + (head * stride_lh + token) per row, in the loop
+            delta_base = DELTA + q_start
             if CAUSAL:  # the diagonal: causal mask (and rows past the document)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, j0, mid,
-                                     cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
-                                     dq_base, stride_dqt, stride_dqh, sm_scale,
-                                     True, True, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
+                                     j0, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
+                                     dq_base, stride_dqt, stride_dqh, sm_scale, QD, DOD, q_start, head0, stride_lh,
+                                     True, True, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ, TMA)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, lo, full_hi,
-                                 cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
-                                 dq_base, stride_dqt, stride_dqh, sm_scale,
-                                 False, False, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
+                                 j0, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
+                                 dq_base, stride_dqt, stride_dqh, sm_scale, QD, DOD, q_start, head0, stride_lh,
+                                 False, False, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ, TMA)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head, full_hi, q_hi,
-                                 cols, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
-                                 dq_base, stride_dqt, stride_dqh, sm_scale,
-                                 False, True, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
+                                 j0, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh,
+                                 dq_base, stride_dqt, stride_dqh, sm_scale, QD, DOD, q_start, head0, stride_lh,
+                                 False, True, IDX64, PACK, BLOCK_M, HEAD_DIM, ATOMIC_DQ, TMA)
         dk = dk * sm_scale
+        # key offsets recomputed, not kept live through the loops (registers)
+        cols = j0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        c = _idx(cols, IDX64)
         dk_base = DK + k_start.to(tl.int64) * stride_dkt + hkv * stride_dkh
         dv_base = DV + k_start.to(tl.int64) * stride_dvt + hkv * stride_dvh
         dk_ptrs = dk_base + c[:, None] * stride_dkt + offs_d[None, :]
@@ -358,34 +385,59 @@ def _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, n_iter, n_sink, n_shard, first, s,
-              sp_block, k_len, tok, qk_scale,
+              sp_block, k_len, tok, qk_scale, KD, VD, k_row0, hkv,
               MASK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE_WALK: tl.constexpr, IDX64: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    # TMA: K/V tiles by tensor-descriptor loads (KD/VD over [Tk, Hkv, D], box [BLOCK_N, 1, D]); keys past the
+    # document (the next document's, or zeros at the end) are masked to p = 0 like the masked loads' zeros
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for t in range(0, n_iter):
         start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, SPARSE_WALK, BLOCK_N)
         cols = start + offs_n
-        c = _idx(cols, IDX64)
-        kt_ptrs = k_base + c[None, :] * stride_kt + offs_d[:, None]  # [D, BN]
-        vt_ptrs = v_base + c[None, :] * stride_vt + offs_d[:, None]
-        if MASK:
-            col_ok = cols < k_len
-            kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+        if TMA:
+            kk = KD.load([k_row0 + start, hkv, 0]).reshape(BLOCK_N, HEAD_DIM)
+            vv = VD.load([k_row0 + start, hkv, 0]).reshape(BLOCK_N, HEAD_DIM)
+            qk = tl.dot(q, tl.trans(kk))
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            if MASK:
+                valid = (cols < k_len)[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= tok[:, None])
+                p = tl.where(valid, p, 0.0)
+            dp = tl.dot(do, tl.trans(vv))
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kk.dtype), kk, dq)
         else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
-        qk = tl.dot(q, kt)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if MASK:
-            valid = col_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= tok[:, None])
-            p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, vt)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+            dq = _dq_tile_ptr(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, cols, k_len, tok,
+                              qk_scale, MASK, CAUSAL, IDX64, HEAD_DIM)
+    return dq
+
+
+@triton.jit
+def _dq_tile_ptr(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, cols, k_len, tok, qk_scale,
+                 MASK: tl.constexpr, CAUSAL: tl.constexpr, IDX64: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # one key tile of the dq pass by pointer loads (K^T/V^T tiles [D, BN])
+    offs_d = tl.arange(0, HEAD_DIM)
+    c = _idx(cols, IDX64)
+    kt_ptrs = k_base + c[None, :] * stride_kt + offs_d[:, None]  # [D, BN]
+    vt_ptrs = v_base + c[None, :] * stride_vt + offs_d[:, None]
+    if MASK:
+        col_ok = cols < k_len
+        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+        vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        kt = tl.load(kt_ptrs)
+        vt = tl.load(vt_ptrs)
+    qk = tl.dot(q, kt)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASK:
+        valid = col_ok[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= tok[:, None])
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, vt)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
     return dq
 
 
@@ -393,10 +445,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, n
 def _dq_body(pid, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
              stride_dqt, stride_dqh, stride_lh,
-             sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
+             sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, KD, VD,
              GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
              IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             ACC: tl.constexpr):
+             ACC: tl.constexpr, TMA: tl.constexpr):
     hp = pid % N_HP
     pid_m = N_TILES - 1 - pid // N_HP
     doc = tl.program_id(1)
@@ -439,10 +491,11 @@ def _dq_body(pid, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_s
             n_sink, n_shard, first, s, lo = 0, 0, 0, 1, 0
             n_full = safe_hi // BLOCK_N
         dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, n_full, n_sink, n_shard,
-                       first, s, sp_block, k_len, tok, qk_scale, False, CAUSAL, SPARSE, IDX64, BLOCK_N, HEAD_DIM)
+                       first, s, sp_block, k_len, tok, qk_scale, KD, VD, k_start, hkv,
+                       False, CAUSAL, SPARSE, IDX64, BLOCK_N, HEAD_DIM, TMA)
         dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, safe_hi,
                        tl.cdiv(hi - safe_hi, BLOCK_N), 0, 0, 0, 1, sp_block, k_len, tok, qk_scale,
-                       True, CAUSAL, False, IDX64, BLOCK_N, HEAD_DIM)
+                       KD, VD, k_start, hkv, True, CAUSAL, False, IDX64, BLOCK_N, HEAD_DIM, TMA)
         dq = dq * sm_scale
         dq_ptrs = (DQ + q_start.to(tl.int64) * stride_dqt + t[:, None] * stride_dqt + head[:, None] * stride_dqh
                    + offs_d[None, :])
@@ -467,45 +520,48 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, DENSE, qk_scale, 
         _dkdv_body(pid, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                   sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
-                   GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, ACC)
+                   sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh, Q, DO,
+                   GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, ACC, False)
     else:
         _dq_body(pid - N_KV_PROG, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                  stride_dqt, stride_dqh, stride_lh,
-                 sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
-                 GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M2, BLOCK_N2, ACC)
+                 sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP, K, V,
+                 GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M2, BLOCK_N2, ACC, False)
 
 
 @triton.jit(do_not_specialize=['N_KV', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                   sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
+                   sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh, QD, DOD,
                    GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                    IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ACC: tl.constexpr = False):
+                   BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ACC: tl.constexpr = False,
+                   TMA: tl.constexpr = False):
     # ATOMIC_DQ: DQ is an fp32 buffer [Tq, Hq, D] (zeroed) that receives every KV tile's share of dq
+    # TMA: QD/DOD are tensor descriptors of q/dout (else unused)
     _dkdv_body(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-               sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh,
-               GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ATOMIC_DQ, ACC)
+               sp_block, sp_window, sp_sink, sp_stride, N_KV, DQ, stride_dqt, stride_dqh, QD, DOD,
+               GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ATOMIC_DQ, ACC, TMA)
 
 
 @triton.jit(do_not_specialize=['N_HP', 'N_QTILES', 'sp_block', 'sp_window', 'sp_sink', 'sp_stride'])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                  stride_dqt, stride_dqh, stride_lh,
-                 sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
+                 sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP, KD, VD,
                  GROUP: tl.constexpr, PACK: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                  IDX64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, ACC: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, ACC: tl.constexpr = False, TMA: tl.constexpr = False):
+    # TMA: KD/VD are tensor descriptors of k/v (else unused)
     _dq_body(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DENSE, qk_scale, sm_scale,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
              stride_dqt, stride_dqh, stride_lh,
-             sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP,
-             GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ACC)
+             sp_block, sp_window, sp_sink, sp_stride, N_QTILES, N_HP, KD, VD,
+             GROUP, PACK, CAUSAL, SPARSE, IDX64, HEAD_DIM, BLOCK_M, BLOCK_N, ACC, TMA)
 
 
 # ----------------------------------------------------------------------------------------------- tiles
@@ -544,6 +600,10 @@ ATOMIC_DQ = {False: False, True: False}
 # the dense backward packs the GQA group into the tile rows (as S2 does): the group loop inside dk/dv then has
 # one trip, and register spills fall from ~400 to ~50 (32K: 55.8 vs 57.1 ms)
 BWD_PACK_DENSE = True
+# the backward's streamed tiles (q/dout in dk/dv, K/V in dq) by TMA descriptor loads instead of per-thread
+# pointers: no register spills in dk/dv (324 B before, scripts/kernel_stats.py); H200: dense 128K backward
+# 908 vs 976 ms in the prototype, 32K equal (bench/experiments/flash_tma)
+BWD_TMA = True
 # the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
 OVERRIDE: dict = {}
 # fp32 operands (tf32 dots; the ring's checks) and GPUs without the shared memory for the tuned tiles
@@ -614,6 +674,27 @@ def _sparse_args(sparse: Optional[SparseArgs], device) -> tuple:
     if sparse is None:
         return torch.zeros(1, dtype=torch.int32, device=device), (128, 1, 0, 1)
     return sparse.dense_heads, (sparse.block, sparse.window_blocks, sparse.sink_blocks, sparse.stride)
+
+
+def _use_tma(*xs: torch.Tensor) -> bool:
+    """Backward loads by tensor descriptors (TMA on Hopper): on unless ``OVERRIDE['bwd_tma']`` is False, for
+    16-bit operands on a GPU of compute capability 9.0+ (any dtype in the interpreter), when this Triton has
+    descriptors and every tensor meets TMA's rules (16-byte aligned base and strides, last dim contiguous)."""
+    if not OVERRIDE.get("bwd_tma", BWD_TMA) or _TensorDescriptor is None:
+        return False
+    x0 = xs[0]
+    if not INTERPRET and (not x0.is_cuda or x0.element_size() != 2 or torch.cuda.get_device_capability(x0.device)[0] < 9):
+        return False
+    return all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all((st * x.element_size()) % 16 == 0
+                                                                   for st in x.stride()[:-1]) for x in xs)
+
+
+def _descs(on: bool, xs: tuple, box: list) -> tuple:
+    """Tensor descriptors over [T, H, D] tensors with one box shape; the tensors themselves when ``on`` is False
+    (the kernels then ignore those arguments)."""
+    if not on:
+        return xs
+    return tuple(_TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x in xs)
 
 
 def _pack(pack: int) -> int:
@@ -717,6 +798,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     qk_scale = scale * LOG2E
 
     atomic = _atomic_dq(is_sparse)
+    tma = _use_tma(q, k, v, do)
     dq_acc = None
     if atomic:  # dq summed over KV tiles in fp32 (the fp32 result doubles as the ring's fp32 dq)
         dq_acc = dq if dq.dtype == torch.float32 and (accumulate or dq.is_contiguous()) else torch.empty(
@@ -736,21 +818,24 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         elif atomic:
             if not accumulate:
                 dq_acc.zero_()
+            qd, dod = _descs(tma, (q, do), [t1.m // pack, pack, d])
             args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
-                    dq_acc, dq_acc.stride(0), dq_acc.stride(1))
+                    dq_acc, dq_acc.stride(0), dq_acc.stride(1), qd, dod)
             _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
-                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=True, ACC=accumulate), t1.warps, t1.stages)
+                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=True, ACC=accumulate, TMA=tma), t1.warps, t1.stages)
         else:
+            qd, dod = _descs(tma, (q, do), [t1.m // pack, pack, d])
             args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
-                    dq, dq.stride(0), dq.stride(1))
+                    dq, dq.stride(0), dq.stride(1), qd, dod)
             _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
-                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=False, ACC=accumulate), t1.warps, t1.stages)
+                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=False, ACC=accumulate, TMA=tma), t1.warps, t1.stages)
+            kd, vd = _descs(tma, (k, v), [t2.n, 1, d])
             args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
-                    dq.stride(0), dq.stride(1), lse.stride(0), *sp, n_qtiles, n_hp)
-            _run(_attn_bwd_dq, (n_qtiles * n_hp, n_docs), args, kw, dict(BLOCK_M=t2.m, BLOCK_N=t2.n, ACC=accumulate),
-                 t2.warps, t2.stages)
+                    dq.stride(0), dq.stride(1), lse.stride(0), *sp, n_qtiles, n_hp, kd, vd)
+            _run(_attn_bwd_dq, (n_qtiles * n_hp, n_docs), args, kw,
+                 dict(BLOCK_M=t2.m, BLOCK_N=t2.n, ACC=accumulate, TMA=tma), t2.warps, t2.stages)
 
     _launch(go, wide)
     if atomic and dq_acc is not dq:

@@ -23,8 +23,9 @@ grid puts the heads of a tile next to each other and the heaviest tiles first (s
 the backward runs dk/dv per KV tile (the GQA group's q heads packed into the q tile rows, so each KV tile is
 loaded once) and dq per q tile, as two launches or (``FUSED_BWD``) as the two halves of one; the backward's
 streamed tiles (q/dout in dk/dv, K/V in dq) come by TMA tensor-descriptor loads on Hopper and in the interpreter
-(``BWD_TMA``; per-thread pointer loads elsewhere, same results bit for bit). Tiles per kernel are fixed from a sweep (``longreach/launch/bench/flash_sweep.py``, see ``TILES``), no autotune: no tuning
-time at a new length, and no autotuner noise picking a slower config.
+(``BWD_TMA``; per-thread pointer loads elsewhere, same results bit for bit). Tiles per kernel are fixed from a
+sweep (``longreach/launch/bench/flash_sweep.py``, see ``TILES``), no autotune: no tuning time at a new length,
+and no autotuner noise picking a slower config.
 """
 
 from __future__ import annotations

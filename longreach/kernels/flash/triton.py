@@ -683,7 +683,8 @@ def _use_tma(*xs: torch.Tensor) -> bool:
     if not OVERRIDE.get("bwd_tma", BWD_TMA) or _TensorDescriptor is None:
         return False
     x0 = xs[0]
-    if not INTERPRET and (not x0.is_cuda or x0.element_size() != 2 or torch.cuda.get_device_capability(x0.device)[0] < 9):
+    if not INTERPRET and (not x0.is_cuda or x0.element_size() != 2
+                          or torch.cuda.get_device_capability(x0.device)[0] < 9):
         return False
     return all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all((st * x.element_size()) % 16 == 0
                                                                    for st in x.stride()[:-1]) for x in xs)

@@ -1,18 +1,11 @@
-import json, os, sys, time
+import os, sys
 import torch
 sys.path.insert(0, os.path.dirname(__file__))
-from triton.testing import do_bench
 import fwd as pf, bwd as pb
+from harness import Rows, bench, rel
 from longreach.kernels.flash import triton as tk
-OUT = os.environ.get("OUT", ".")
-rows = []
-def rec(**r):
-    rows.append(r); print(json.dumps(r), flush=True)
-    json.dump(rows, open(f"{OUT}/dev1.json", "w"), indent=1)
-def bench(fn, rep=300):
-    fn(); torch.cuda.synchronize()
-    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()
+rows = Rows("dev1")
+rec = rows.rec
 dev = "cuda"
 hq, hkv, d = 32, 8, 128
 print(torch.cuda.get_device_name(), flush=True)

@@ -1,13 +1,13 @@
 """Production backward with TMA descriptor loads (OVERRIDE bwd_tma) on vs off: dense and S2, 32K and 128K."""
-import json, os
+import json, os, sys
 import torch
 from triton.testing import do_bench
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import OUT, rel  # noqa: E402
 from longreach.kernels.flash import triton as tk
 from longreach.kernels.s2 import S2Pattern
 from longreach.kernels.s2.triton import sparse_args
-OUT = os.environ.get("OUT", ".")
 rows = []
-rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()  # noqa: E731
 hq, hkv, d = 32, 8, 128
 pat = S2Pattern(128, 2048, 128, 8)
 for S in (32768, 131072):

@@ -259,26 +259,21 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_len, head
         t = _idx(tok, IDX64)
         q_ptrs = q_base + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
         do_ptrs = do_base + t[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :]
-        if MASK_ROWS:
-            # rows past the document: lse=+inf makes p exactly 0
-            row_ok = tok < q_len
-            if TMA:
-                q = QD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
-                do = DOD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
-            else:
-                q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            rowoff = (head0 + offs_m % PACK) * stride_lh + tok
+        row_ok = tok < q_len
+        if TMA:
+            q = QD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+            do = DOD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+        elif MASK_ROWS:
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        rowoff = (head0 + offs_m % PACK) * stride_lh + tok
+        if MASK_ROWS:  # rows past the document: lse=+inf makes p exactly 0
             lse = tl.load(lse_base + rowoff, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_base + rowoff, mask=row_ok, other=0.0)
         else:
-            if TMA:
-                q = QD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
-                do = DOD.load([q_row0 + start, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
-            else:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            rowoff = (head0 + offs_m % PACK) * stride_lh + tok
             lse = tl.load(lse_base + rowoff)
             delta = tl.load(delta_base + rowoff)
         qkT = tl.dot(k, tl.trans(q))  # [BN, BM]
@@ -397,48 +392,37 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, n
         if TMA:
             kk = KD.load([k_row0 + start, hkv, 0]).reshape(BLOCK_N, HEAD_DIM)
             vv = VD.load([k_row0 + start, hkv, 0]).reshape(BLOCK_N, HEAD_DIM)
-            qk = tl.dot(q, tl.trans(kk))
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
-            if MASK:
-                valid = (cols < k_len)[None, :]
-                if CAUSAL:
-                    valid = valid & (cols[None, :] <= tok[:, None])
-                p = tl.where(valid, p, 0.0)
-            dp = tl.dot(do, tl.trans(vv))
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kk.dtype), kk, dq)
         else:
-            dq = _dq_tile_ptr(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, cols, k_len, tok,
-                              qk_scale, MASK, CAUSAL, IDX64, HEAD_DIM)
+            kk, vv = _kv_tile_ptr(k_base, v_base, stride_kt, stride_vt, cols, k_len, MASK, IDX64, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(kk))
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASK:
+            valid = (cols < k_len)[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= tok[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(vv))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kk.dtype), kk, dq)
     return dq
 
 
 @triton.jit
-def _dq_tile_ptr(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, cols, k_len, tok, qk_scale,
-                 MASK: tl.constexpr, CAUSAL: tl.constexpr, IDX64: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # one key tile of the dq pass by pointer loads (K^T/V^T tiles [D, BN])
+def _kv_tile_ptr(k_base, v_base, stride_kt, stride_vt, cols, k_len, MASK: tl.constexpr, IDX64: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    # K/V tiles [BN, D] by pointer loads (zeros past the document when MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     c = _idx(cols, IDX64)
-    kt_ptrs = k_base + c[None, :] * stride_kt + offs_d[:, None]  # [D, BN]
-    vt_ptrs = v_base + c[None, :] * stride_vt + offs_d[:, None]
+    k_ptrs = k_base + c[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + c[:, None] * stride_vt + offs_d[None, :]
     if MASK:
         col_ok = cols < k_len
-        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
-        vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
     else:
-        kt = tl.load(kt_ptrs)
-        vt = tl.load(vt_ptrs)
-    qk = tl.dot(q, kt)
-    p = tl.math.exp2(qk * qk_scale - lse[:, None])
-    if MASK:
-        valid = col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= tok[:, None])
-        p = tl.where(valid, p, 0.0)
-    dp = tl.dot(do, vt)
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
-    return dq
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v
 
 
 @triton.jit
@@ -601,8 +585,8 @@ ATOMIC_DQ = {False: False, True: False}
 # one trip, and register spills fall from ~400 to ~50 (32K: 55.8 vs 57.1 ms)
 BWD_PACK_DENSE = True
 # the backward's streamed tiles (q/dout in dk/dv, K/V in dq) by TMA descriptor loads instead of per-thread
-# pointers: no register spills in dk/dv (324 B before, scripts/kernel_stats.py); H200: dense 128K backward
-# 908 vs 976 ms in the prototype, 32K equal (bench/experiments/flash_tma)
+# pointers: dk/dv spills 236 -> 100 B (scripts/kernel_stats.py); H200 backward, dense 128K 960 -> 876 ms, 32K
+# 56.0 -> 55.5, S2 -3-4% (bench/results/flash_bwd_tma_onoff_h200_2026-12-01.json)
 BWD_TMA = True
 # the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
 OVERRIDE: dict = {}

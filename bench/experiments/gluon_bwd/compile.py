@@ -1,5 +1,6 @@
-"""Compile the Gluon sm_90 backward on a machine without a GPU (scripts/kernel_stats.py's stand-in driver) and print
-registers / spills / shared memory / HGMMA count. PYTHONPATH=. python bench/experiments/gluon_bwd/compile.py"""
+"""Compile a Gluon sm_90 backward variant on a machine without a GPU (scripts/kernel_stats.py's stand-in driver) and
+print ptxas's wgmma-serialization warning (C75xx) and registers / spills / shared memory / HGMMA count.
+GB_VARIANT=ws PYTHONPATH=. python bench/experiments/gluon_bwd/compile.py [NAME=int ...] [--sparse] [--sass]"""
 import os
 import sys
 
@@ -11,9 +12,12 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 _driver.set_active(ks._Sm90Driver())
 JITFunction.run = ks._compile_only
-from longreach.kernels.flash import gluon_bwd as gb  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
-for kv in sys.argv[1:]:  # NAME=int overrides of gluon_bwd's module constants
+gb = common.load(os.environ.get("GB_VARIANT", "ws"))
+
+for kv in sys.argv[1:]:  # NAME=int overrides of the variant's module constants
     if "=" in kv:
         n, x = kv.split("=")
         setattr(gb, n, int(x))

@@ -1,5 +1,7 @@
-"""Gluon sm_90 backward vs the Triton backward and an fp32 reference (correctness), then backward timings.
-PYTHONPATH=. python bench/experiments/gluon_bwd/dev1.py [--no-bench] [--no-check]"""
+"""A Gluon sm_90 backward variant (GB_VARIANT, default ws) vs the Triton backward and an fp32 reference
+(correctness), then backward timings at 32K/128K (LENS). PYTHONPATH=. python bench/experiments/gluon_bwd/dev1.py
+[--no-bench] [--no-check]. Runs 1-3 of bench/results/gluon_bwd_experiments_h200_2026-12-02.json used the variant
+now in variants/pipelined.py, then in the package behind an OVERRIDE flag."""
 import os
 import sys
 
@@ -7,6 +9,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "flash_tma"))
 from harness import Rows, bench, rel  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 from longreach.kernels.flash import reference as ref  # noqa: E402
 from longreach.kernels.flash import triton as tk  # noqa: E402
 from longreach.kernels.s2 import S2Pattern  # noqa: E402
@@ -16,14 +20,15 @@ rows = Rows("gluon_bwd_dev1")
 dev = "cuda"
 
 
+gb = common.load(os.environ.get("GB_VARIANT", "ws"))
+
+
 def run_bwd(gluon, do, q, k, v, out, lse, cu, S, causal, sp, pack, acc=None):
-    tk.OVERRIDE.clear()
-    tk.OVERRIDE["gluon_bwd"] = gluon
+    if gluon:
+        return common.backward(gb, do, q, k, v, out, lse, cu, S, causal=causal, sparse=sp, acc=acc)
     acc2 = None if acc is None else tuple(x.clone() for x in acc)
-    r = tk.attention_backward(do, q, k, v, out, lse, cu, cu, S, S, causal=causal, scale=q.shape[-1] ** -0.5,
-                              sparse=sp, pack=pack, acc=acc2)
-    tk.OVERRIDE.clear()
-    return r
+    return tk.attention_backward(do, q, k, v, out, lse, cu, cu, S, S, causal=causal, scale=q.shape[-1] ** -0.5,
+                                 sparse=sp, pack=pack, acc=acc2)
 
 
 def check(name, lens, hq, hkv, d, causal=True, pat=None, accumulate=False):
@@ -46,7 +51,7 @@ def check(name, lens, hq, hkv, d, causal=True, pat=None, accumulate=False):
                                            causal=causal, scale=d ** -0.5, allowed=allowed)
     if acc is not None:
         r32 = tuple(a + b for a, b in zip(acc, r32))
-    sup = tk._use_gluon(q, k, v, do, sp)
+    sup = gb.supported(q, k, v, do, sp.block if sp is not None else None)
     g = run_bwd(True, do, q, k, v, out, lse, cu, max(lens), causal, sp, pack, acc)
     t = run_bwd(False, do, q, k, v, out, lse, cu, max(lens), causal, sp, pack, acc)
     torch.cuda.synchronize()
@@ -68,8 +73,7 @@ if "--no-check" not in sys.argv:
     good &= check("acc dense docs", [700, 1300], 8, 2, 128, accumulate=True)
     print("ALL OK" if good else "SOME FAILED", flush=True)
 
-from longreach.kernels.flash import gluon_bwd as gb  # noqa: E402
-VARIANTS = [dict(DQ_BUFS=2, ABLATE=0), dict(DQ_BUFS=2, ABLATE=1), dict(DQ_BUFS=2, ABLATE=2), dict(DQ_BUFS=2, ABLATE=3)]
+VARIANTS = [dict(DQ_BUFS=2)]  # module constants per timed variant (runs 2-3: DQ_BUFS 1/2, ABLATE 0-3)
 if "--no-bench" not in sys.argv:
     hq, hkv, d = 32, 8, 128
     pat = S2Pattern(128, 2048, 128, 8)
@@ -95,7 +99,6 @@ if "--no-bench" not in sys.argv:
                 res[gluon] = fn()
                 rows.rec(kind="bench", S=S, sparse=sparse, gluon=gluon, var=var, bwd_ms=ms, tflops=2 * fl / ms / 1e9)
             gb.DQ_BUFS = 2
-            gb.ABLATE = 0
             rows.rec(kind="diff", S=S, sparse=sparse, rel=[rel(a, b) for a, b in zip(res[True], res[False])])
             del res
         del q, k, v, do, out, lse

@@ -588,8 +588,6 @@ BWD_PACK_DENSE = True
 # pointers: dk/dv spills 236 -> 100 B (scripts/kernel_stats.py); H200 backward, dense 128K 960 -> 876 ms, 32K
 # 56.0 -> 55.5, S2 -3-4% (bench/results/flash_bwd_tma_onoff_h200_2026-12-01.json)
 BWD_TMA = True
-# the backward on Hopper by the Gluon kernel (gluon_bwd.py: dk, dv and dq in one pass, dq added by TMA reduce-add)
-GLUON_BWD = False
 # the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
 OVERRIDE: dict = {}
 # fp32 operands (tf32 dots; the ring's checks) and GPUs without the shared memory for the tuned tiles
@@ -684,35 +682,6 @@ def _descs(on: bool, xs: tuple, box: list) -> tuple:
     return tuple(_TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x in xs)
 
 
-def _use_gluon(q, k, v, do, sparse: Optional[SparseArgs]) -> bool:
-    """The sm_90 Gluon backward (``gluon_bwd``, dq by TMA reduce-add, 5 matmuls per tile pair) when it supports the
-    call and ``OVERRIDE['gluon_bwd']`` / ``GLUON_BWD`` leave it on; never in the interpreter."""
-    if INTERPRET or not OVERRIDE.get("gluon_bwd", GLUON_BWD):
-        return False
-    from . import gluon_bwd
-
-    return gluon_bwd.supported(q, k, v, do.to(q.dtype), sparse.block if sparse is not None else None)
-
-
-def _gluon_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, sparse, dq, dk, dv,
-                    accumulate):
-    from . import gluon_bwd
-
-    # dq is summed over KV tiles in fp32: straight into the ring's fp32 accumulator when TMA can address it
-    direct = dq.dtype == torch.float32 and gluon_bwd._flat(dq) is not None and gluon_bwd._tma_ok(gluon_bwd._flat(dq))
-    buf = dq if direct else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    if direct and not accumulate:
-        buf.zero_()
-    dense, sp = _sparse_args(sparse, q.device)
-    gluon_bwd.attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
-                                 dq=buf, dk=dk, dv=dv, accumulate=accumulate, sparse=sparse, dense_heads=dense, sp=sp)
-    if not direct:
-        if accumulate:
-            dq += buf
-        else:
-            dq.copy_(buf)
-
-
 def _pack(pack: int) -> int:
     # rows = BLOCK_M // PACK must be a power of two: other group sizes run unpacked (K/V shared through L2)
     return pack if pack >= 1 and pack & (pack - 1) == 0 else 1
@@ -792,13 +761,9 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     wide = q.element_size() > 2
     if INTERPRET:  # see attention_forward
         q, k, v = q.float(), k.float(), v.float()
+    delta = torch.empty_like(lse)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    if _use_gluon(q, k, v, do, sparse):
-        _gluon_backward(do.to(q.dtype), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, sparse,
-                        dq, dk, dv, accumulate)
-        return dq, dk, dv
-    delta = torch.empty_like(lse)
     blk = 64
     _bwd_delta[(triton.cdiv(tq, blk), hq)](out, do, delta, tq, out.stride(0), out.stride(1), do.stride(0),
                                            do.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK=blk)

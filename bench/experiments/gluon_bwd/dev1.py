@@ -1,7 +1,7 @@
 """A Gluon sm_90 backward variant (GB_VARIANT, default ws) vs the Triton backward and an fp32 reference
 (correctness), then backward timings at 32K/128K (LENS). PYTHONPATH=. python bench/experiments/gluon_bwd/dev1.py
-[--no-bench] [--no-check]. Runs 1-3 of bench/results/gluon_bwd_experiments_h200_2026-12-02.json used the variant
-now in variants/pipelined.py, then in the package behind an OVERRIDE flag."""
+[--no-bench] [--no-check]. Runs 1-3 of bench/results/gluon_bwd_experiments_h200_2026-12-02.json ran the variant now
+called ``pipelined`` (run 1: before its cross-step pipelining) from the package, behind an OVERRIDE flag."""
 import os
 import sys
 
@@ -18,8 +18,6 @@ from longreach.kernels.s2.triton import sparse_args  # noqa: E402
 
 rows = Rows("gluon_bwd_dev1")
 dev = "cuda"
-
-
 gb = common.load(os.environ.get("GB_VARIANT", "ws"))
 
 
@@ -32,17 +30,8 @@ def run_bwd(gluon, do, q, k, v, out, lse, cu, S, causal, sp, pack, acc=None):
 
 
 def check(name, lens, hq, hkv, d, causal=True, pat=None, accumulate=False):
-    torch.manual_seed(0)
+    do, q, k, v, out, lse, cu, _, sp, pack = common.data(lens, hq, hkv, d, pat, causal, dev)
     T = sum(lens)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
-    q = torch.randn(T, hq, d, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
-    do = torch.randn_like(q)
-    sp = sparse_args(pat, hkv, dev) if pat else None
-    pack = hq // hkv if pat else 1
-    out, lse = tk.attention_forward(q, k, v, cu, cu, max(lens), causal=causal, scale=d ** -0.5,
-                                    out_dtype=torch.bfloat16, sparse=sp, pack=pack)
     acc = None
     if accumulate:
         acc = (torch.randn(T, hq, d, device=dev), torch.randn(T, hkv, d, device=dev), torch.randn(T, hkv, d, device=dev))

@@ -10,7 +10,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "flash_tma"))
 from harness import Rows, bench, rel  # noqa: E402
 from longreach.kernels.flash import triton as tk  # noqa: E402
 from longreach.kernels.s2 import S2Pattern  # noqa: E402
-from longreach.kernels.s2.triton import sparse_args  # noqa: E402
 
 rows = Rows("gluon_bwd_dev2")
 dev = "cuda"
@@ -34,19 +33,7 @@ def bwd(gluon, do, q, k, v, out, lse, cu, S, sp, pack, causal=True):
                                  sparse=sp, pack=pack)
 
 
-def data(lens, hq, hkv, d, pat, causal=True):
-    torch.manual_seed(0)
-    T = sum(lens)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
-    q = torch.randn(T, hq, d, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
-    do = torch.randn_like(q)
-    sp = sparse_args(pat, hkv, dev) if pat else None
-    pack = hq // hkv if pat else 1
-    out, lse = tk.attention_forward(q, k, v, cu, cu, max(lens), causal=causal, scale=d ** -0.5,
-                                    out_dtype=torch.bfloat16, sparse=sp, pack=pack)
-    return do, q, k, v, out, lse, cu, max(lens), sp, pack
+data = common.data
 
 
 variants = [x.split(":") for x in os.environ.get("VARIANTS", "ws:").split(",")]

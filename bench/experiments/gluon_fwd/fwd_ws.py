@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
@@ -25,6 +25,7 @@ BLOCK_N = 128  # keys per K/V tile
 STAGES = 2
 CONSUMER_REGS = 240
 LOADER_REGS = 24
+OVERLAP = False  # intra-warpgroup overlap (next tile's S during this tile's softmax)
 
 
 @gluon.jit
@@ -63,7 +64,7 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
               stride_lh, head, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s,
               sp_block, qk_scale,
               CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
+              STAGES: gl.constexpr, OVERLAP: gl.constexpr):
     ROWS: gl.constexpr = 64
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
@@ -78,31 +79,69 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
     l_i = gl.zeros([ROWS], gl.float32, row_l)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_l)
     mbarrier.wait(q_bar, 0)
-    for t in range(n_iter):
-        st = t % STAGES
-        mbarrier.wait(kv_ready.index(st), (t // STAGES) & 1)
-        start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-        qk = warpgroup_mma(q_w, k_bufs.index(st).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
-                           use_acc=False)
-        if t >= n_full:  # diagonal / document-end tiles: mask, and keep rows that see nothing yet at m = -inf
-            cols = start + offs_n
-            ok = gl.expand_dims(cols < k_len, 0)
-            if CAUSAL:
-                ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
-            qk = gl.where(ok, qk * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(qk - gl.expand_dims(m_use, 1))
-        else:
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            m_use = m_new
-            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
-        alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_bufs.index(st), acc)
-        mbarrier.arrive(kv_empty.index(st))
-        m_i = m_new
+    if OVERLAP:
+        # intra-warpgroup overlap: tile t+1's S = Q K^T runs on the tensor cores during tile t's softmax
+        mbarrier.wait(kv_ready.index(0), 0, pred=n_iter > 0)
+        qk_tok = warpgroup_mma(q_w, k_bufs.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
+                               use_acc=False, is_async=True)
+        for t in range(n_iter):
+            st = t % STAGES
+            start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
+            nx = gl.minimum(t + 1, n_iter - 1)  # the last step recomputes its own S (no load, unused)
+            ns = nx % STAGES
+            mbarrier.wait(kv_ready.index(ns), (nx // STAGES) & 1, pred=t + 1 < n_iter)
+            qk_tok = warpgroup_mma(q_w, k_bufs.index(ns).permute((1, 0)),
+                                   gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
+            if t >= n_full:  # diagonal / document-end tiles: mask, and keep rows that see nothing yet at m = -inf
+                cols = start + offs_n
+                ok = gl.expand_dims(cols < k_len, 0)
+                if CAUSAL:
+                    ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
+                qk = gl.where(ok, qk * qk_scale, float("-inf"))
+                m_new = gl.maximum(m_i, gl.max(qk, 1))
+                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+                p = gl.exp2(qk - gl.expand_dims(m_use, 1))
+            else:
+                m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+                m_use = m_new
+                p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_bufs.index(st), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(st))
+            m_i = m_new
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
+    else:
+        for t in range(n_iter):
+            st = t % STAGES
+            mbarrier.wait(kv_ready.index(st), (t // STAGES) & 1)
+            start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+            qk = warpgroup_mma(q_w, k_bufs.index(st).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
+                               use_acc=False)
+            if t >= n_full:  # diagonal / document-end tiles: mask, and keep rows that see nothing yet at m = -inf
+                cols = start + offs_n
+                ok = gl.expand_dims(cols < k_len, 0)
+                if CAUSAL:
+                    ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
+                qk = gl.where(ok, qk * qk_scale, float("-inf"))
+                m_new = gl.maximum(m_i, gl.max(qk, 1))
+                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+                p = gl.exp2(qk - gl.expand_dims(m_use, 1))
+            else:
+                m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+                m_use = m_new
+                p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_bufs.index(st), acc)
+            mbarrier.arrive(kv_empty.index(st))
+            m_i = m_new
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
@@ -121,7 +160,7 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
                    sp_block, sp_window, sp_sink, sp_stride, N_TILES, HQ,
                    GROUP: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, OVERLAP: gl.constexpr):
     # heads of a tile side by side (a GQA group shares K/V in L2), heaviest (last, for causal) tiles first
     pid = gl.program_id(0)
     head = pid % HQ
@@ -175,10 +214,10 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
             # (the argument tuples are written out: a tuple held in a variable turns its constexprs into tensors)
             (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, O, LSE, stride_ot, stride_oh,
                          stride_lh, head, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
-                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES)),
+                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, OVERLAP)),
             (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, O, LSE, stride_ot, stride_oh,
                          stride_lh, head, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
-                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES)),
+                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, OVERLAP)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, q_start + i0,
                        head * HEAD_DIM, k_start, hkv * HEAD_DIM, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first,
                        s, sp_block, SPARSE, BLOCK_N, STAGES)),
@@ -212,5 +251,5 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, *, causal: bool, scale: f
     _attn_fwd_sm90[grid](q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense_heads, scale * LOG2E, out.stride(0),
                          out.stride(1), lse.stride(0), *sp, n_tiles, hq, GROUP=hq // hkv, CAUSAL=causal,
                          SPARSE=sparse is not None, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
-                         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4)
+                         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, OVERLAP=OVERLAP, num_warps=4)
     return out, lse

@@ -31,6 +31,11 @@ def both(q, k, v, cu, max_q, causal, pat):
 
 
 def check(name, lens, hq, hkv, d, causal=True, pat=None):
+    return all([check1(name, lens, hq, hkv, d, causal, pat, ov) for ov in (0, 2)])
+
+
+def check1(name, lens, hq, hkv, d, causal, pat, overlap):
+    fwd_ws.OVERLAP = overlap
     torch.manual_seed(0)
     T = sum(lens)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
@@ -42,7 +47,7 @@ def check(name, lens, hq, hkv, d, causal=True, pat=None):
                                      allowed=allowed)
     e = dict(out_gluon=rel(go, ro), out_triton=rel(to, ro), lse_gluon=rel(gl_, rl), lse_triton=rel(tl_, rl))
     ok = e["out_gluon"] <= 2 * e["out_triton"] + 1e-3 and e["lse_gluon"] <= 1e-4
-    rows.rec(kind="check", name=name, ok=ok, **e)
+    rows.rec(kind="check", name=name, overlap=overlap, ok=ok, **e)
     return ok
 
 
@@ -64,11 +69,12 @@ for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
         sp = sparse_args(pat, hkv, dev) if pat else None
         ms_t = bench(lambda: tk.attention_forward(q, k, v, cu, cu, S, causal=True, scale=d ** -0.5,
                                                   out_dtype=q.dtype, sparse=sp, pack=hq // hkv if pat else 1))
-        for stages in (2, 3):
-            fwd_ws.STAGES = stages
+        for overlap, stages in ((0, 2), (0, 3), (2, 2), (2, 3)):
+            fwd_ws.STAGES, fwd_ws.OVERLAP = stages, overlap
             ms = bench(g)
-            rows.rec(kind="bench", S=S, s2=pat is not None, stages=stages, gluon_ms=ms, triton_ms=ms_t,
-                     gluon_tflops=fl / ms / 1e9, triton_tflops=fl / ms_t / 1e9, rel_vs_triton=rel(g()[0], to))
-        fwd_ws.STAGES = 2
+            rows.rec(kind="bench", S=S, s2=pat is not None, overlap=overlap, stages=stages, gluon_ms=ms,
+                     triton_ms=ms_t, gluon_tflops=fl / ms / 1e9, triton_tflops=fl / ms_t / 1e9,
+                     rel_vs_triton=rel(g()[0], to))
+        fwd_ws.STAGES, fwd_ws.OVERLAP = 2, 0
     del q, k, v
     torch.cuda.empty_cache()

@@ -77,7 +77,9 @@ def stats(name: str, k) -> dict:
                 spill_ld=g(r"(\d+) bytes spill loads"), stack=g(r"(\d+) bytes stack frame"),
                 smem=k.metadata.shared, hgmma=len(re.findall(r"\bHGMMA", sass)), hmma=len(re.findall(r"\bHMMA", sass)),
                 ldgsts=len(re.findall(r"LDGSTS", sass)), utmaldg=len(re.findall(r"UTMALDG", sass)),
-                ldl=len(re.findall(r"\bLDL", sass)), stl=len(re.findall(r"\bSTL", sass)), sass=sass)
+                ldl=len(re.findall(r"\bLDL", sass)), stl=len(re.findall(r"\bSTL", sass)), sass=sass,
+                # ptxas's performance notes, e.g. C7514/C7515 (wgmma serialised), C7512 (out of registers)
+                notes=[ln[ln.find("C75"):][:160] for ln in log.splitlines() if "C75" in ln])
 
 
 def main(argv=None) -> int:

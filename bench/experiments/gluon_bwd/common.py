@@ -1,8 +1,8 @@
 """Load a Gluon backward variant and call it with the Triton backward's contract.
 
 A variant is ``variants/_base.py`` with ``variants/<name>.py`` (its kernels) spliced in; ``pipelined``, ``e``,
-``wsr``, ``wsk`` and ``wsv`` are one change each to ``d`` or ``ws``, applied here as text edits (the runs in the README were made with
-exactly these sources)."""
+``wsr``, ``wsk`` and ``wsv`` are one change each to ``d`` or ``ws``, applied here as text edits (the runs in the
+README were made with exactly these sources)."""
 import os
 import tempfile
 import types
@@ -134,7 +134,8 @@ def _in_regs(which):  # ws with K (or V) held in registers as the A operand of S
     return edit
 
 
-DERIVED = {"pipelined": ("d", _pipelined), "e": ("d", _e), "wsr": ("ws", _wsr), "wsk": ("ws", _in_regs("k")), "wsv": ("ws", _in_regs("v"))}
+DERIVED = {"pipelined": ("d", _pipelined), "e": ("d", _e), "wsr": ("ws", _wsr), "wsk": ("ws", _in_regs("k")),
+           "wsv": ("ws", _in_regs("v"))}
 
 
 def source(name: str) -> str:

@@ -41,12 +41,7 @@ for name, kw, kern in ks.COMPILED:
     if name.startswith("_prep"):
         continue
     s = ks.stats(name, kern)
-    import subprocess, tempfile
-    with tempfile.TemporaryDirectory() as dd:
-        open(dd + "/k.ptx", "w").write(kern.asm["ptx"])
-        log = subprocess.run([ks._tools()[0], "-v", "--gpu-name=sm_90a", dd + "/k.ptx", "-o", dd + "/k.o"],
-                             capture_output=True, text=True).stderr
-    print([ln[ln.find("C75"):][:160] for ln in log.splitlines() if "C75" in ln])
+    print(s["notes"])
     print(name, {x: s[x] for x in ("regs", "spill_st", "spill_ld", "smem", "hgmma", "utmaldg", "ldl", "stl")})
     if "--sass" in sys.argv:
         open(f"/tmp/{name}.sass", "w").write(s["sass"])

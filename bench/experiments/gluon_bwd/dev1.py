@@ -34,7 +34,7 @@ def check(name, lens, hq, hkv, d, causal=True, pat=None, accumulate=False):
     T = sum(lens)
     acc = None
     if accumulate:
-        acc = (torch.randn(T, hq, d, device=dev), torch.randn(T, hkv, d, device=dev), torch.randn(T, hkv, d, device=dev))
+        acc = tuple(torch.randn(T, h, d, device=dev) for h in (hq, hkv, hkv))
     allowed = (lambda doc, sq, sk: pat.token_mask(sq, hkv, device=dev)) if pat else None
     r32 = ref.attention_backward_reference(do.float(), q.float(), k.float(), v.float(), out.float(), lse, cu, cu,
                                            causal=causal, scale=d ** -0.5, allowed=allowed)

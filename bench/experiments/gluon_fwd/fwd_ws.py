@@ -25,7 +25,7 @@ BLOCK_N = 128  # keys per K/V tile
 STAGES = 2
 CONSUMER_REGS = 240
 LOADER_REGS = 24
-OVERLAP = 0  # intra-warpgroup overlap: 2 = FlashAttention-3's order, 1 = an order ptxas serialises (README)
+OVERLAP = 0  # 1: intra-warpgroup overlap in FlashAttention-3's order (README)
 
 
 @gluon.jit
@@ -60,6 +60,27 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_
 
 
 @gluon.jit
+def _softmax(qk, m_i, l_i, masked, start, tok, offs_n, k_len, qk_scale, CAUSAL: gl.constexpr):
+    """Online-softmax step of one S tile -> (p, new row max, row rescale alpha, new row sum). ``masked``: a diagonal
+    or document-end tile (causal / key mask; a row that sees nothing yet keeps m = -inf)."""
+    if masked:
+        cols = start + offs_n
+        ok = gl.expand_dims(cols < k_len, 0)
+        if CAUSAL:
+            ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
+        qk = gl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk - gl.expand_dims(m_use, 1))
+    else:
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        m_use = m_new
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    return p, m_new, alpha, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
 def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, O, LSE, stride_ot, stride_oh,
               stride_lh, head, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s,
               sp_block, qk_scale,
@@ -79,28 +100,15 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
     l_i = gl.zeros([ROWS], gl.float32, row_l)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_l)
     mbarrier.wait(q_bar, 0)
-    if OVERLAP == 2:
+    if OVERLAP:
         # FlashAttention-3's intra-warpgroup order: issue S(u) = Q K_u^T, issue O += P(u-1) V_(u-1), softmax of
         # S(u) while P V runs, then rescale O; nothing writes an accumulator while a wgmma is in flight
         mbarrier.wait(kv_ready.index(0), 0, pred=n_iter > 0)
         qk = warpgroup_mma(q_w, k_bufs.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
                            use_acc=False)
-        u = 0
-        start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-        if u >= n_full:  # diagonal / document-end tiles: mask, and keep rows that see nothing yet at m = -inf
-            cols = start + offs_n
-            ok = gl.expand_dims(cols < k_len, 0)
-            if CAUSAL:
-                ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
-            qk = gl.where(ok, qk * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(qk - gl.expand_dims(m_use, 1))
-        else:
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            m_use = m_new
-            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
-        l_i = gl.where(n_iter > 0, gl.sum(p, 1), 0.0)  # (no tile at all: out 0, lse -inf)
+        start = _tile_start(0, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+        p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, 0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
+        l_i = gl.where(n_iter > 0, l_i, 0.0)  # (no tile at all: out 0, lse -inf)
         m_i = gl.where(n_iter > 0, m_new, float("-inf"))
         p16 = gl.convert_layout(p.to(dtype), p_l)
         for u in range(1, n_iter):
@@ -112,21 +120,7 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
                                    gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
             acc_tok = warpgroup_mma(p16, v_bufs.index(sp_), acc, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok, ))
-            if u >= n_full:  # diagonal / document-end tiles: mask, and keep rows that see nothing yet at m = -inf
-                cols = start + offs_n
-                ok = gl.expand_dims(cols < k_len, 0)
-                if CAUSAL:
-                    ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
-                qk = gl.where(ok, qk * qk_scale, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(qk, 1))
-                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-                p = gl.exp2(qk - gl.expand_dims(m_use, 1))
-            else:
-                m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-                m_use = m_new
-                p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
+            p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, u >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
             mbarrier.arrive(kv_empty.index(sp_))  # tile u-1's K and V have been read
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
@@ -135,41 +129,6 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
         if n_iter > 0:
             acc = warpgroup_mma(p16, v_bufs.index((n_iter - 1) % STAGES), acc)
             mbarrier.arrive(kv_empty.index((n_iter - 1) % STAGES))
-    elif OVERLAP == 1:
-        # intra-warpgroup overlap: tile t+1's S = Q K^T runs on the tensor cores during tile t's softmax
-        mbarrier.wait(kv_ready.index(0), 0, pred=n_iter > 0)
-        qk_tok = warpgroup_mma(q_w, k_bufs.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
-                               use_acc=False, is_async=True)
-        for t in range(n_iter):
-            st = t % STAGES
-            start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
-            nx = gl.minimum(t + 1, n_iter - 1)  # the last step recomputes its own S (no load, unused)
-            ns = nx % STAGES
-            mbarrier.wait(kv_ready.index(ns), (nx // STAGES) & 1, pred=t + 1 < n_iter)
-            qk_tok = warpgroup_mma(q_w, k_bufs.index(ns).permute((1, 0)),
-                                   gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
-            if t >= n_full:  # diagonal / document-end tiles: mask, and keep rows that see nothing yet at m = -inf
-                cols = start + offs_n
-                ok = gl.expand_dims(cols < k_len, 0)
-                if CAUSAL:
-                    ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
-                qk = gl.where(ok, qk * qk_scale, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(qk, 1))
-                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-                p = gl.exp2(qk - gl.expand_dims(m_use, 1))
-            else:
-                m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-                m_use = m_new
-                p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_bufs.index(st), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            mbarrier.arrive(kv_empty.index(st))
-            m_i = m_new
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
     else:
         for t in range(n_iter):
             st = t % STAGES
@@ -177,21 +136,7 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
             start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
             qk = warpgroup_mma(q_w, k_bufs.index(st).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
                                use_acc=False)
-            if t >= n_full:  # diagonal / document-end tiles: mask, and keep rows that see nothing yet at m = -inf
-                cols = start + offs_n
-                ok = gl.expand_dims(cols < k_len, 0)
-                if CAUSAL:
-                    ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
-                qk = gl.where(ok, qk * qk_scale, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(qk, 1))
-                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-                p = gl.exp2(qk - gl.expand_dims(m_use, 1))
-            else:
-                m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-                m_use = m_new
-                p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
+            p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, t >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_bufs.index(st), acc)
             mbarrier.arrive(kv_empty.index(st))

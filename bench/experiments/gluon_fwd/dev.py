@@ -15,7 +15,7 @@ from longreach.kernels.flash import triton as tk  # noqa: E402
 from longreach.kernels.s2 import S2Pattern  # noqa: E402
 from longreach.kernels.s2.triton import sparse_args  # noqa: E402
 
-rows = Rows("gluon_fwd_dev")
+rows = Rows(os.environ.get("NAME", "gluon_fwd_dev"))
 dev = "cuda"
 
 
@@ -31,11 +31,11 @@ def both(q, k, v, cu, max_q, causal, pat):
 
 
 def check(name, lens, hq, hkv, d, causal=True, pat=None):
-    return all([check1(name, lens, hq, hkv, d, causal, pat, ov) for ov in (0, 1)])
+    return all([check1(name, lens, hq, hkv, d, causal, pat, ov, pp) for ov in (0, 1) for pp in (0, 1)])
 
 
-def check1(name, lens, hq, hkv, d, causal, pat, overlap):
-    fwd_ws.OVERLAP = overlap
+def check1(name, lens, hq, hkv, d, causal, pat, overlap, pingpong):
+    fwd_ws.OVERLAP, fwd_ws.PINGPONG = overlap, pingpong
     torch.manual_seed(0)
     T = sum(lens)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
@@ -47,7 +47,7 @@ def check1(name, lens, hq, hkv, d, causal, pat, overlap):
                                      allowed=allowed)
     e = dict(out_gluon=rel(go, ro), out_triton=rel(to, ro), lse_gluon=rel(gl_, rl), lse_triton=rel(tl_, rl))
     ok = e["out_gluon"] <= 2 * e["out_triton"] + 1e-3 and e["lse_gluon"] <= 1e-4
-    rows.rec(kind="check", name=name, overlap=overlap, ok=ok, **e)
+    rows.rec(kind="check", name=name, overlap=overlap, pingpong=pingpong, ok=ok, **e)
     return ok
 
 
@@ -69,12 +69,13 @@ for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
         sp = sparse_args(pat, hkv, dev) if pat else None
         ms_t = bench(lambda: tk.attention_forward(q, k, v, cu, cu, S, causal=True, scale=d ** -0.5,
                                                   out_dtype=q.dtype, sparse=sp, pack=hq // hkv if pat else 1))
-        for overlap, stages in ((0, 2), (0, 3), (1, 2), (1, 3)):
-            fwd_ws.STAGES, fwd_ws.OVERLAP = stages, overlap
+        for overlap, stages, pingpong in ((0, 2, 0), (1, 3, 0), (0, 2, 1), (1, 3, 1), (1, 2, 1)):
+            fwd_ws.STAGES, fwd_ws.OVERLAP, fwd_ws.PINGPONG = stages, overlap, pingpong
             ms = bench(g)
-            rows.rec(kind="bench", S=S, s2=pat is not None, overlap=overlap, stages=stages, gluon_ms=ms,
+            rows.rec(kind="bench", S=S, s2=pat is not None, overlap=overlap, stages=stages, pingpong=pingpong,
+                     gluon_ms=ms,
                      triton_ms=ms_t, gluon_tflops=fl / ms / 1e9, triton_tflops=fl / ms_t / 1e9,
                      rel_vs_triton=rel(g()[0], to))
-        fwd_ws.STAGES, fwd_ws.OVERLAP = 2, 0
+        fwd_ws.STAGES, fwd_ws.OVERLAP, fwd_ws.PINGPONG = 2, 0, 0
     del q, k, v
     torch.cuda.empty_cache()

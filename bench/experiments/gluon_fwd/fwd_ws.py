@@ -26,6 +26,7 @@ STAGES = 2
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 OVERLAP = 0  # 1: intra-warpgroup overlap in FlashAttention-3's order (README)
+PINGPONG = 0  # 1: the two consumers take turns issuing their wgmmas (FlashAttention-3's scheduler barrier)
 
 
 @gluon.jit
@@ -81,11 +82,27 @@ def _softmax(qk, m_i, l_i, masked, start, tok, offs_n, k_len, qk_scale, CAUSAL: 
 
 
 @gluon.jit
-def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, O, LSE, stride_ot, stride_oh,
+def _my_turn(turn, w: gl.constexpr, t, PINGPONG: gl.constexpr):
+    # consumer 0 issues step t's wgmmas after consumer 1 issued step t-1's; consumer 1 after consumer 0 issued step t
+    if PINGPONG:
+        if w == 0:
+            mbarrier.wait(turn.index(0), (t - 1) & 1, pred=t > 0)
+        else:
+            mbarrier.wait(turn.index(1), t & 1)
+
+
+@gluon.jit
+def _pass_turn(turn, w: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - w))
+
+
+@gluon.jit
+def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
               stride_lh, head, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s,
               sp_block, qk_scale,
               CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, OVERLAP: gl.constexpr):
+              STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
     ROWS: gl.constexpr = 64
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
@@ -104,8 +121,11 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
         # FlashAttention-3's intra-warpgroup order: issue S(u) = Q K_u^T, issue O += P(u-1) V_(u-1), softmax of
         # S(u) while P V runs, then rescale O; nothing writes an accumulator while a wgmma is in flight
         mbarrier.wait(kv_ready.index(0), 0, pred=n_iter > 0)
-        qk = warpgroup_mma(q_w, k_bufs.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
-                           use_acc=False)
+        _my_turn(turn, w, 0, PINGPONG)
+        qk_tok = warpgroup_mma(q_w, k_bufs.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
+                               use_acc=False, is_async=True)
+        _pass_turn(turn, w, PINGPONG)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
         start = _tile_start(0, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
         p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, 0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
         l_i = gl.where(n_iter > 0, l_i, 0.0)  # (no tile at all: out 0, lse -inf)
@@ -116,9 +136,11 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
             sp_ = (u - 1) % STAGES
             start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
             mbarrier.wait(kv_ready.index(su), (u // STAGES) & 1)
+            _my_turn(turn, w, u, PINGPONG)
             qk_tok = warpgroup_mma(q_w, k_bufs.index(su).permute((1, 0)),
                                    gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
             acc_tok = warpgroup_mma(p16, v_bufs.index(sp_), acc, is_async=True)
+            _pass_turn(turn, w, PINGPONG)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok, ))
             p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, u >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
@@ -127,15 +149,20 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
             p16 = gl.convert_layout(p.to(dtype), p_l)
             m_i = m_new
         if n_iter > 0:
+            _my_turn(turn, w, n_iter, PINGPONG)
             acc = warpgroup_mma(p16, v_bufs.index((n_iter - 1) % STAGES), acc)
+            _pass_turn(turn, w, PINGPONG)
             mbarrier.arrive(kv_empty.index((n_iter - 1) % STAGES))
     else:
         for t in range(n_iter):
             st = t % STAGES
             mbarrier.wait(kv_ready.index(st), (t // STAGES) & 1)
             start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-            qk = warpgroup_mma(q_w, k_bufs.index(st).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
-                               use_acc=False)
+            _my_turn(turn, w, t, PINGPONG)
+            qk_tok = warpgroup_mma(q_w, k_bufs.index(st).permute((1, 0)),
+                                   gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
+            _pass_turn(turn, w, PINGPONG)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
             p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, t >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_bufs.index(st), acc)
@@ -159,7 +186,8 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
                    sp_block, sp_window, sp_sink, sp_stride, N_TILES, HQ,
                    GROUP: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, OVERLAP: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
+                   PINGPONG: gl.constexpr):
     # heads of a tile side by side (a GQA group shares K/V in L2), heaviest (last, for causal) tiles first
     pid = gl.program_id(0)
     head = pid % HQ
@@ -205,18 +233,21 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(kv_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups
         gl.warp_specialize([
             # (the argument tuples are written out: a tuple held in a variable turns its constexprs into tensors)
-            (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, O, LSE, stride_ot, stride_oh,
+            (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
                          stride_lh, head, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
-                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, OVERLAP)),
-            (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, O, LSE, stride_ot, stride_oh,
+                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG)),
+            (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
                          stride_lh, head, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
-                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, OVERLAP)),
+                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, q_start + i0,
                        head * HEAD_DIM, k_start, hkv * HEAD_DIM, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first,
                        s, sp_block, SPARSE, BLOCK_N, STAGES)),
@@ -250,5 +281,6 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, *, causal: bool, scale: f
     _attn_fwd_sm90[grid](q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense_heads, scale * LOG2E, out.stride(0),
                          out.stride(1), lse.stride(0), *sp, n_tiles, hq, GROUP=hq // hkv, CAUSAL=causal,
                          SPARSE=sparse is not None, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
-                         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, OVERLAP=OVERLAP, num_warps=4)
+                         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, OVERLAP=OVERLAP, PINGPONG=PINGPONG,
+                         num_warps=4)
     return out, lse

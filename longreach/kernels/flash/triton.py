@@ -590,6 +590,9 @@ BWD_PACK_DENSE = True
 # pointers: dk/dv spills 236 -> 100 B (scripts/kernel_stats.py); H200 backward, dense 128K 960 -> 876 ms, 32K
 # 56.0 -> 55.5, S2 -3-4% (bench/results/flash_bwd_tma_onoff_h200_2026-12-01.json)
 BWD_TMA = True
+# the forward on Hopper (sm_90, 16-bit, D 64/128) runs the warp-specialised Gluon kernel of gluon_sm90.py (dense
+# 32K 15.0 vs 17.4 ms, S2 3.8 vs 4.4 on the H200); this Triton kernel everywhere else (and under the interpreter)
+GLUON_FWD = True
 # the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
 OVERRIDE: dict = {}
 # fp32 operands (tf32 dots; the ring's checks) and GPUs without the shared memory for the tuned tiles
@@ -689,6 +692,20 @@ def _pack(pack: int) -> int:
     return pack if pack >= 1 and pack & (pack - 1) == 0 else 1
 
 
+_GLUON: list = []
+
+
+def _gluon():
+    """The Gluon sm_90 forward module, or None where this Triton has no Gluon (imported once)."""
+    if not _GLUON:
+        try:
+            from . import gluon_sm90
+        except Exception:  # no triton.experimental.gluon (Triton < 3.5), or its Hopper API moved
+            gluon_sm90 = None
+        _GLUON.append(gluon_sm90)
+    return _GLUON[0]
+
+
 # ----------------------------------------------------------------------------------------------- drivers
 
 
@@ -712,6 +729,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
         if out is None or lse is None or out.dtype != torch.float32 or lse.dtype != torch.float32 or \
                 lse.stride(1) != 1 or out.stride(2) != 1:
             raise ValueError("accumulate=True needs fp32 out [Tq, Hq, D] and lse [Hq, Tq] (token stride 1)")
+    if not INTERPRET and OVERRIDE.get("gluon_fwd", GLUON_FWD):
+        g = _gluon()
+        gpack = OVERRIDE.get("gluon_pack", pack)
+        if g is not None and g.why_not(q, k, v, sparse, gpack) is None:
+            r = g.attention_forward(q, k, v, cu_q, cu_k, max_q, causal=causal, scale=scale, out_dtype=out_dtype,
+                                    sparse=sparse, pack=gpack, out=out, lse=lse, accumulate=accumulate)
+            if r is not None:
+                return r
     if out is None:
         out = torch.empty((tq, hq, d), dtype=out_dtype, device=q.device)
     if lse is None:

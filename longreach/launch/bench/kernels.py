@@ -169,6 +169,87 @@ def check(device: str = "cuda") -> list[dict]:
     return rows
 
 
+def check_sm90_forward(device: str = "cuda") -> list[dict]:
+    """The Gluon sm_90 forward (kernels/flash/gluon_sm90.py) against the Triton forward and an fp32 reference, on
+    the cases CI cannot run (no Hopper there): odd lengths, documents, GQA, D 64, fp16, non-causal, S2 packed and
+    not, dense S2 heads, fp32 out, and the ring's accumulate mode (two kv halves merged in place)."""
+    from ...kernels.flash import reference as ref
+    from ...kernels.flash import triton as tk
+    from ...kernels.s2 import S2Pattern
+    from ...kernels.s2.triton import sparse_args
+
+    g = tk._gluon()
+    x = torch.zeros(8, 2, 128, device=device, dtype=torch.bfloat16)
+    why = "no Gluon in this Triton" if g is None else g.why_not(x, x, x, None, 1)
+    if why:
+        return [{"case": "sm90_forward", "skipped": why}]
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    rows = []
+
+    def fwd(gluon: bool, *a, **kw):
+        tk.OVERRIDE["gluon_fwd"] = gluon
+        try:
+            return tk.attention_forward(*a, **kw)
+        finally:
+            tk.OVERRIDE.pop("gluon_fwd", None)
+
+    cases = [  # name, doc lengths, hq, hkv, d, dtype, causal, S2 pattern, pack
+        ("dense", [1000], 32, 8, 128, torch.bfloat16, True, None, 1),
+        ("docs", [1000, 1900, 1196], 32, 8, 128, torch.bfloat16, True, None, 1),
+        ("d64_mha_fp16", [777], 8, 8, 64, torch.float16, True, None, 1),
+        ("noncausal", [600, 333], 4, 2, 128, torch.bfloat16, False, None, 1),
+        ("s2_pack4", [3000], 32, 8, 128, torch.bfloat16, True, S2Pattern(128, 512, 128, 4), 4),
+        ("s2_pack1", [3000], 32, 8, 128, torch.bfloat16, True, S2Pattern(128, 512, 128, 4), 1),
+        ("s2_docs_dense_heads", [1500, 2100], 16, 4, 128, torch.bfloat16, True,
+         S2Pattern(128, 256, 0, 8, dense_heads=(1, 2)), 4),
+        ("s2_block256_gqa8", [2500], 16, 2, 128, torch.bfloat16, True, S2Pattern(256, 512, 256, 3), 8),
+    ]
+    for name, lens, hq, hkv, d, dt, causal, pat, pack in cases:
+        torch.manual_seed(0)
+        t = sum(lens)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(t, h, d, device=device, dtype=dt) for h in (hq, hkv, hkv))
+        sp = sparse_args(pat, hkv, device) if pat else None
+        kw = dict(causal=causal, scale=d ** -0.5, out_dtype=dt, sparse=sp, pack=pack)
+        go, gl_ = fwd(True, q, k, v, cu, cu, max(lens), **kw)
+        to, tl_ = fwd(False, q, k, v, cu, cu, max(lens), **kw)
+        allowed = (lambda doc, sq, sk, pat=pat, hkv=hkv: pat.token_mask(sq, hkv, device=device)) if pat else None
+        ro, rl = ref.attention_reference(q.float(), k.float(), v.float(), cu, cu, causal=causal, scale=d ** -0.5,
+                                         allowed=allowed)
+        r = {"case": f"sm90_{name}", "gluon_skipped": g.why_not(q, k, v, sp, pack), "out": rel(go, ro), "out_triton": rel(to, ro), "lse": rel(gl_, rl),
+             "lse_triton": rel(tl_, rl), "vs_triton": rel(go, to)}
+        r["ok"] = r["gluon_skipped"] is None and r["out"] <= 2 * r["out_triton"] + 1e-3 and r["lse"] <= 1e-4
+        rows.append(r)
+    # ring hops: diagonal block then the earlier kv half, merged into fp32 (out, lse) in place, vs the whole
+    torch.manual_seed(1)
+    s, hq, hkv, d = 1536, 8, 2, 128
+    q, k, v = (torch.randn(s, h, d, device=device, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    h = 640
+    cu_h = torch.tensor([0, s - h], dtype=torch.int32, device=device)
+    cu_e = torch.tensor([0, h], dtype=torch.int32, device=device)
+    res = {}
+    for gluon in (True, False):
+        o = torch.zeros(s - h, hq, d, device=device)
+        lse = torch.full((hq, s - h), float("-inf"), device=device)
+        fwd(gluon, q[h:], k[h:], v[h:], cu_h, cu_h, s - h, causal=True, scale=d ** -0.5, out_dtype=torch.float32,
+            out=o, lse=lse, accumulate=True)
+        fwd(gluon, q[h:], k[:h], v[:h], cu_h, cu_e, s - h, causal=False, scale=d ** -0.5, out_dtype=torch.float32,
+            out=o, lse=lse, accumulate=True)
+        res[gluon] = (o, lse)
+    cu = torch.tensor([0, s], dtype=torch.int32, device=device)
+    ro, rl = ref.attention_reference(q.float(), k.float(), v.float(), cu, cu, causal=True, scale=d ** -0.5)
+    r = {"case": "sm90_ring_accumulate", "out": rel(res[True][0], ro[h:]), "out_triton": rel(res[False][0], ro[h:]),
+         "lse": rel(res[True][1], rl[:, h:]), "lse_triton": rel(res[False][1], rl[:, h:]),
+         "vs_triton": rel(res[True][0], res[False][0])}
+    r["ok"] = r["out"] <= 2 * r["out_triton"] + 1e-3 and r["lse"] <= 1e-4
+    rows.append(r)
+    r = {"case": "sm90_launch_errors", "ok": not g._BROKEN, "errors": list(g._BROKEN)}
+    rows.append(r)
+    for r in rows:
+        print({k_: (round(v_, 6) if isinstance(v_, float) else v_) for k_, v_ in r.items()}, flush=True)
+    return rows
+
+
 def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, pattern,
         on_row: Callable[[list], None] = lambda rows: None) -> list[dict]:
     """Time every method at every length; ``on_row(results)`` after each row (the JSON is written as we go)."""
@@ -231,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pass
     if a.check:
         try:
-            report["check"] = check()
+            report["check"] = check() + check_sm90_forward()
             for r in report["check"][-2:]:
                 print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         except Exception as e:  # a failed check is reported in the JSON; the timings still run

@@ -1,0 +1,343 @@
+"""Hopper (sm_90) attention forward in Gluon: the fast path of ``triton.attention_forward`` on H100/H200.
+
+Same contract as the Triton forward (``triton.py``): q [Tq, Hq, D], k/v [Tk, Hkv, D], packed documents, causal
+top-left aligned per document pair, GQA without repeating K/V, the S2 block walk, lse fp32 [Hq, Tq], and the ring's
+``accumulate`` mode (merge into a running fp32 out/lse in place). ``usable`` says when it applies; everything else
+(the interpreter, CPU, other GPUs, fp32 operands, other head dims, heads not adjacent in memory) runs the Triton
+kernel, which stays the reference implementation that CI runs under ``TRITON_INTERPRET=1``.
+
+Why a second forward: Triton 3.6 cannot warp-specialise this loop on Hopper, and it is what the forward needs
+(bench/experiments/gluon_fwd/README.md). Per CTA a tile of 128 q rows, split between two consumer warpgroups (64
+rows each, separate partitions with 240 registers each) and one TMA loader warp that streams K/V tiles into a ring
+of ``STAGES`` shared-memory buffers; a buffer is freed when both consumers have arrived on its "empty" barrier.
+Inside a consumer, FlashAttention-3's intra-warpgroup order: S(t) = Q K_t^T and O += P(t-1) V(t-1) are issued
+together and the softmax of S(t) runs while P V does; between the two consumers a turn barrier orders the wgmma
+issues (FlashAttention-3's scheduler barrier), so one's softmax runs under the other's matmuls.
+
+Rows of a tile: ``PACK`` q heads of one GQA group x 128 / PACK tokens, head-major (row r = head r // (128 / PACK),
+token r % (128 / PACK)); Q comes as PACK TMA boxes, one per head, so every K/V tile loaded serves all PACK heads
+(S2 packs its group, as the Triton kernel does; dense runs PACK = 1 with a group's heads in adjacent CTAs, sharing
+K/V through L2). H200, B1 Hq32 Hkv8 D128 causal bf16: dense 32K 15.0 ms (Triton 17.4), S2 32K 3.8 ms (Triton 4.4)
+(bench/results/gluon_fwd_dev_h200_2026-12-02.json, gluon_fwd_pingpong_h200_2026-12-02.json).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+BLOCK_M = 128  # q rows per CTA (64 per consumer warpgroup)
+BLOCK_N = 128  # keys per K/V tile
+STAGES = 3  # K/V ring depth (the overlapped order frees a buffer one tile late: 2 stages stall, see the README)
+CONSUMER_REGS = 240
+LOADER_REGS = 24
+HEAD_DIMS = (64, 128)
+
+
+@gluon.jit
+def _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE: gl.constexpr,
+                BLOCK_N: gl.constexpr):
+    # key column of flat step t: unmasked tiles (S2: sink, the head's shard, the window), then the diagonal ones
+    if SPARSE:
+        tpb = sp_block // BLOCK_N
+        u = gl.maximum(t - n_sink, 0)
+        shard = (first + (u // tpb) * s) * sp_block + (u % tpb) * BLOCK_N
+        win = lo + (u - n_shard) * BLOCK_N
+        body = gl.where(t < n_sink, t * BLOCK_N, gl.where(u < n_shard, shard, win))
+    else:
+        body = lo + t * BLOCK_N
+    return gl.where(t < n_full, body, safe_hi + (t - n_full) * BLOCK_N)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, q_row, q_col, k_row0, kv_col,
+            n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s, sp_block,
+            SPARSE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
+            HEAD_DIM: gl.constexpr):
+    TOK: gl.constexpr = q_desc.block_type.shape[0]  # tokens per tile; one box per packed head
+    mbarrier.expect(q_bar, PACK * q_desc.block_type.nbytes)
+    for j in gl.static_range(PACK):
+        tma.async_copy_global_to_shared(q_desc, [q_row, q_col + j * HEAD_DIM], q_bar, q_smem.slice(j * TOK, TOK, dim=0))
+    for t in range(n_iter):
+        st = t % STAGES
+        mbarrier.wait(kv_empty.index(st), ((t // STAGES) & 1) ^ 1)
+        start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+        bar = kv_ready.index(st)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row0 + start, kv_col], bar, k_bufs.index(st))
+        tma.async_copy_global_to_shared(v_desc, [k_row0 + start, kv_col], bar, v_bufs.index(st))
+
+
+@gluon.jit
+def _softmax(qk, m_i, l_i, masked, start, tok, offs_n, k_len, qk_scale, CAUSAL: gl.constexpr):
+    """Online-softmax step of one S tile -> (p, new row max, row rescale alpha, new row sum). ``masked``: a diagonal
+    or document-end tile (causal / key mask; a row that sees nothing yet keeps m = -inf)."""
+    if masked:
+        cols = start + offs_n
+        ok = gl.expand_dims(cols < k_len, 0)
+        if CAUSAL:
+            ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(tok, 1))
+        qk = gl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk - gl.expand_dims(m_use, 1))
+    else:
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        m_use = m_new
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    return p, m_new, alpha, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _my_turn(turn, w: gl.constexpr, t):
+    # consumer 0 issues step t's wgmmas after consumer 1 has issued step t-1's; consumer 1 after consumer 0 step t's
+    if w == 0:
+        mbarrier.wait(turn.index(0), (t - 1) & 1, pred=t > 0)
+    else:
+        mbarrier.wait(turn.index(1), t & 1)
+
+
+@gluon.jit
+def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
+              stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s,
+              sp_block, qk_scale,
+              CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr):
+    ROWS: gl.constexpr = 64
+    TOK: gl.constexpr = 128 // PACK
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
+    dtype: gl.constexpr = q_smem.dtype
+    q_w = q_smem.slice(w * ROWS, ROWS, dim=0)
+    tok = i0 + (w * ROWS + gl.arange(0, ROWS, layout=row_l)) % TOK
+    offs_n = gl.arange(0, BLOCK_N, layout=col_l)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_l)
+    l_i = gl.zeros([ROWS], gl.float32, row_l)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_l)
+    mbarrier.wait(q_bar, 0)
+    # step 0's S alone; then each step issues S(u) and O += P(u-1) V(u-1) together, runs the softmax of S(u) while
+    # P V runs, and rescales O only after both are done (nothing writes an accumulator while a wgmma is in flight)
+    mbarrier.wait(kv_ready.index(0), 0, pred=n_iter > 0)
+    _my_turn(turn, w, 0)
+    qk_tok = warpgroup_mma(q_w, k_bufs.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
+                           use_acc=False, is_async=True)
+    mbarrier.arrive(turn.index(1 - w))
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
+    start = _tile_start(0, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+    p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, 0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
+    l_i = gl.where(n_iter > 0, l_i, 0.0)  # (no tile at all: out 0, lse -inf)
+    m_i = gl.where(n_iter > 0, m_new, float("-inf"))
+    p16 = gl.convert_layout(p.to(dtype), p_l)
+    for u in range(1, n_iter):
+        su = u % STAGES
+        sp_ = (u - 1) % STAGES
+        start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+        mbarrier.wait(kv_ready.index(su), (u // STAGES) & 1)
+        _my_turn(turn, w, u)
+        qk_tok = warpgroup_mma(q_w, k_bufs.index(su).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
+                               use_acc=False, is_async=True)
+        acc_tok = warpgroup_mma(p16, v_bufs.index(sp_), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - w))
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok, ))
+        p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, u >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
+        mbarrier.arrive(kv_empty.index(sp_))  # tile u-1's K and V have been read
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+        p16 = gl.convert_layout(p.to(dtype), p_l)
+        m_i = m_new
+    if n_iter > 0:
+        _my_turn(turn, w, n_iter)
+        acc = warpgroup_mma(p16, v_bufs.index((n_iter - 1) % STAGES), acc)
+        mbarrier.arrive(turn.index(1 - w))
+        mbarrier.arrive(kv_empty.index((n_iter - 1) % STAGES))
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_l), 1)
+    r_o = w * ROWS + gl.arange(0, ROWS, layout=orow_l)
+    otok = i0 + r_o % TOK
+    ohead = hp * PACK + r_o // TOK
+    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+    o_ok = gl.expand_dims(otok < q_len, 1)
+    o_ptrs = O + gl.expand_dims((q_start + otok).to(gl.int64) * stride_ot + ohead * stride_oh, 1) + \
+        gl.expand_dims(od, 0)
+    r_l = w * ROWS + gl.arange(0, ROWS, layout=row_l)
+    l_ok = tok < q_len
+    l_ptrs = LSE + (hp * PACK + r_l // TOK) * stride_lh + q_start + tok
+    if ACC:  # out = w_prev out_prev + w_blk out_blk with weights exp(lse_x - logaddexp(lse_prev, lse_blk))
+        lse_prev = gl.load(l_ptrs, mask=l_ok, other=float("-inf"))
+        mx = gl.maximum(lse_prev, lse)
+        mx_safe = gl.where(mx == float("-inf"), 0.0, mx)
+        w_prev = gl.exp(lse_prev - mx_safe)
+        w_blk = gl.exp(lse - mx_safe)
+        tot = w_prev + w_blk
+        tot_safe = gl.where(tot == 0.0, 1.0, tot)
+        o_prev = gl.load(o_ptrs, mask=o_ok, other=0.0)
+        out = o_prev * gl.expand_dims(gl.convert_layout(w_prev / tot_safe, orow_l), 1) + \
+            out * gl.expand_dims(gl.convert_layout(w_blk / tot_safe, orow_l), 1)
+        lse = gl.where(tot == 0.0, float("-inf"), mx_safe + gl.log(tot_safe))
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_ok)
+    gl.store(l_ptrs, lse, mask=l_ok)
+
+
+@gluon.jit
+def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, stride_ot, stride_oh, stride_lh,
+                   sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
+                   GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ACC: gl.constexpr):
+    # head groups of a tile side by side (a GQA group shares K/V in L2), heaviest (last, for causal) tiles first
+    TOK: gl.constexpr = BLOCK_M // PACK
+    pid = gl.program_id(0)
+    hp = pid % N_HP
+    pid_m = N_TILES - 1 - pid // N_HP
+    doc = gl.program_id(1)
+    q_start = gl.load(CU_Q + doc)
+    q_len = gl.load(CU_Q + doc + 1) - q_start
+    k_start = gl.load(CU_K + doc)
+    k_len = gl.load(CU_K + doc + 1) - k_start
+    i0 = pid_m * TOK
+    if i0 < q_len:
+        hkv = (hp * PACK) // GROUP
+        if CAUSAL:
+            hi = gl.minimum(k_len, i0 + TOK)
+            safe_hi = (gl.minimum(k_len, i0) // BLOCK_N) * BLOCK_N
+        else:
+            hi = k_len
+            safe_hi = (k_len // BLOCK_N) * BLOCK_N
+        if SPARSE:  # S2 walk of the off-diagonal tiles (as the Triton kernel's _sparse_walk)
+            qb = i0 // sp_block
+            lo_wb = gl.maximum(qb - sp_window + 1, 0)
+            tpb = sp_block // BLOCK_N
+            dense = gl.load(DENSE + hkv)
+            s = gl.where(dense != 0, 1, sp_stride)
+            first = sp_sink + (hkv % s - sp_sink % s + s) % s
+            n_shard = gl.where(lo_wb > first, (lo_wb - first + s - 1) // s, 0) * tpb
+            n_sink = gl.minimum(sp_sink, lo_wb) * tpb
+            lo = lo_wb * sp_block
+            n_full = n_sink + n_shard + gl.maximum(safe_hi - lo, 0) // BLOCK_N
+        else:
+            n_sink = i0 * 0
+            n_shard = i0 * 0
+            first = i0 * 0
+            s = i0 * 0 + 1
+            lo = i0 * 0
+            n_full = safe_hi // BLOCK_N
+        n_iter = n_full + gl.cdiv(gl.maximum(hi - safe_hi, 0), BLOCK_N)
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], k_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(kv_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups
+        gl.warp_specialize([
+            # (the argument tuples are written out: a tuple held in a variable turns its constexprs into tensors)
+            (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
+                         stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
+                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, PACK, ACC)),
+            (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
+                         stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
+                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, PACK, ACC)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, q_start + i0,
+                       hp * PACK * HEAD_DIM, k_start, hkv * HEAD_DIM, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
+                       first, s, sp_block, SPARSE, BLOCK_N, STAGES, PACK, HEAD_DIM)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+# ----------------------------------------------------------------------------------------------- host side
+
+
+def _flat(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """[T, H, D] with heads adjacent -> the [T, H*D] view the TMA descriptors walk (None when heads are not)."""
+    t, h, d = x.shape
+    if x.stride(2) != 1 or (h > 1 and x.stride(1) != d):
+        return None
+    return x.as_strided((t, h * d), (x.stride(0), 1))
+
+
+_BROKEN: list = []  # the first launch error, after which this path is off for the process
+
+
+def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse, pack: int) -> Optional[str]:
+    """None when this forward applies to these tensors, else the reason (the Triton kernel then runs)."""
+    if _BROKEN:
+        return f"disabled after a launch error: {_BROKEN[0]}"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "needs a CUDA device of compute capability 9.x (Hopper)"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "needs bf16 or fp16 q, k, v of one dtype"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} not in {HEAD_DIMS}"
+    if sparse is not None and sparse.block % BLOCK_N:
+        return f"S2 block {sparse.block} is not a multiple of {BLOCK_N}"
+    if BLOCK_M % pack or (BLOCK_M // pack) % 8:
+        return f"pack {pack} does not split {BLOCK_M} rows into TMA boxes"
+    for x in (q, k, v):
+        if _flat(x) is None or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+            return "TMA needs heads adjacent, a contiguous head dim and 16-byte aligned rows"
+    if q.shape[1] * max(q.shape[0], 1) >= 2 ** 31:
+        return "lse index passes int32"
+    return None
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                      max_q: int, *, causal: bool, scale: float, out_dtype: torch.dtype, sparse=None, pack: int = 1,
+                      out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                      accumulate: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """As ``triton.attention_forward`` (inputs already checked by it); None when the launch failed (the caller
+    then runs the Triton kernel, and this path stays off with a warning)."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    if out is None:
+        out = torch.empty((tq, hq, d), dtype=out_dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    tok = BLOCK_M // pack
+    lay = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
+    q_desc = TensorDescriptor.from_tensor(_flat(q), [tok, d], lay)
+    k_desc = TensorDescriptor.from_tensor(_flat(k), [BLOCK_N, d], lay)
+    v_desc = TensorDescriptor.from_tensor(_flat(v), [BLOCK_N, d], lay)
+    if sparse is None:
+        dense, sp = torch.zeros(1, dtype=torch.int32, device=q.device), (128, 1, 0, 1)
+    else:
+        dense, sp = sparse.dense_heads, (sparse.block, sparse.window_blocks, sparse.sink_blocks, sparse.stride)
+    n_tiles = triton.cdiv(max(max_q, 1), tok)
+    n_hp = hq // pack
+    grid = (n_tiles * n_hp, cu_q.numel() - 1)
+    try:
+        _attn_fwd_sm90[grid](q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0),
+                             out.stride(1), lse.stride(0), *sp, n_tiles, n_hp, GROUP=hq // hkv, PACK=pack,
+                             CAUSAL=causal, SPARSE=sparse is not None, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                             STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, ACC=accumulate,
+                             num_warps=4)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # a Triton whose Gluon API moved: warn once, run the Triton kernel from now on
+        _BROKEN.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        warnings.warn(f"longreach: the Gluon sm_90 attention forward failed to launch ({_BROKEN[0]}); "
+                      "using the Triton forward", RuntimeWarning, stacklevel=3)
+        return None
+    return out, lse

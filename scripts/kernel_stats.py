@@ -2,6 +2,7 @@
 registers, spills, shared memory and matrix instructions (ptxas -v + cuobjdump), at no device time.
 
     python scripts/kernel_stats.py [--sparse] [--docs] [--sass DIR] [--override 'fwd=128,128,8,3' ...]
+    python scripts/kernel_stats.py --gluon [--json PATH]    # the Gluon sm_90 forward, its four variants
 
 Triton compiles for an explicit target: a stand-in driver reports compute capability 9.0, every launch is turned
 into a warm-up (compile only, no launch), and the drivers of ``longreach.kernels.flash.triton`` run unchanged on CPU
@@ -82,6 +83,38 @@ def stats(name: str, k) -> dict:
                 notes=[ln[ln.find("C75"):][:160] for ln in log.splitlines() if "C75" in ln])
 
 
+# the Gluon forward's variants: (name, head dim, S2?, pack, accumulate, causal)
+GLUON_VARIANTS = [("dense", 128, False, 1, False, True), ("s2_pack4", 128, True, 4, False, True),
+                  ("d64_accumulate", 64, False, 1, True, True), ("noncausal_pack8", 128, False, 8, False, False)]
+
+
+def gluon_stats() -> list[dict]:
+    """Compile kernels/flash/gluon_sm90.py's forward for sm_90a in each variant -> its stats (no SASS)."""
+    from longreach.kernels.flash import gluon_sm90 as g
+    from longreach.kernels.flash.triton import SparseArgs
+
+    rows = []
+    t, hq, hkv = 1024, 32, 8
+    for name, d, sparse, pack, acc, causal in GLUON_VARIANTS:
+        q = torch.randn(t, hq, d, dtype=torch.bfloat16)
+        k = torch.randn(t, hkv, d, dtype=torch.bfloat16)
+        cu = torch.tensor([0, t], dtype=torch.int32)
+        sp = SparseArgs(128, 16, 1, 8, torch.zeros(hkv, dtype=torch.int32)) if sparse else None
+        out, lse = (torch.zeros(t, hq, d), torch.zeros(hq, t)) if acc else (None, None)
+        COMPILED.clear()
+        g._BROKEN.clear()
+        g.attention_forward(q, k, k, cu, cu, t, causal=causal, scale=d ** -0.5,
+                            out_dtype=torch.float32 if acc else q.dtype, sparse=sp, pack=pack, out=out, lse=lse,
+                            accumulate=acc)
+        if g._BROKEN:
+            raise RuntimeError(f"Gluon forward {name} did not compile: {g._BROKEN[0]}")
+        for kname, _, kern in COMPILED:
+            st = stats(kname, kern)
+            st.pop("sass")
+            rows.append(dict(variant=name, **st))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparse", action="store_true", help="S2 pattern (block 128, window 2048, sink 128, stride 8)")
@@ -92,9 +125,22 @@ def main(argv=None) -> int:
     ap.add_argument("--override", nargs="*", default=[], help="kernel=m,n,warps,stages or flag=0/1 (OVERRIDE keys)")
     ap.add_argument("--sass", help="write each kernel's SASS into this folder")
     ap.add_argument("--no-tma", action="store_true", help="the backward's pointer-load path instead of TMA")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon sm_90 forward (kernels/flash/gluon_sm90.py)")
+    ap.add_argument("--json", help="with --gluon: write the stats here")
     a = ap.parse_args(argv)
     _driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
+    if a.gluon:
+        rows = gluon_stats()
+        for r in rows:
+            print(f"{r['variant']:<16} regs {r['regs']:>3} spill {r['spill_st']}/{r['spill_ld']} smem {r['smem']:>6} "
+                  f"HGMMA {r['hgmma']:>3} TMA {r['utmaldg']:>3} notes {r['notes']}")
+        if a.json:
+            import json
+
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     from longreach.kernels.flash import triton as tk
 
     # CPU tensors stand in for the GPU's: decide TMA as an sm_90 GPU would (descriptors over 16-byte aligned rows)

@@ -33,6 +33,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# Triton 3.9 renamed the TMA load (3.6 has only the old name)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 LOG2E = 1.4426950408889634
 BLOCK_M = 128  # q rows per CTA (64 per consumer warpgroup)
 BLOCK_N = 128  # keys per K/V tile
@@ -65,15 +68,15 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_
     TOK: gl.constexpr = q_desc.block_type.shape[0]  # tokens per tile; one box per packed head
     mbarrier.expect(q_bar, PACK * q_desc.block_type.nbytes)
     for j in gl.static_range(PACK):
-        tma.async_copy_global_to_shared(q_desc, [q_row, q_col + j * HEAD_DIM], q_bar, q_smem.slice(j * TOK, TOK, dim=0))
+        _tma_load(q_desc, [q_row, q_col + j * HEAD_DIM], q_bar, q_smem.slice(j * TOK, TOK, dim=0))
     for t in range(n_iter):
         st = t % STAGES
         mbarrier.wait(kv_empty.index(st), ((t // STAGES) & 1) ^ 1)
         start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
         bar = kv_ready.index(st)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row0 + start, kv_col], bar, k_bufs.index(st))
-        tma.async_copy_global_to_shared(v_desc, [k_row0 + start, kv_col], bar, v_bufs.index(st))
+        _tma_load(k_desc, [k_row0 + start, kv_col], bar, k_bufs.index(st))
+        _tma_load(v_desc, [k_row0 + start, kv_col], bar, v_bufs.index(st))
 
 
 @gluon.jit

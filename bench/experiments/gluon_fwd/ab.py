@@ -1,5 +1,6 @@
 """A/B in one process: flash_attention / s2_attention forward and forward+backward with the Gluon sm_90 forward on and
-off (alternated, 3 rounds), the backward alone from saved tensors. PYTHONPATH=. python bench/experiments/gluon_fwd/ab.py"""
+off (alternated, 3 rounds), the backward alone from saved tensors.
+PYTHONPATH=. python bench/experiments/gluon_fwd/ab.py  (writes $OUT/gluon_fwd_ab.json)"""
 import os
 import sys
 

@@ -18,6 +18,9 @@ kb < sp_sink (sink), or kb % s == h % s with s = sp_stride (s = 1 for a dense he
 those blocks (arithmetic, no block table) in ONE flat loop (sink, shard, window tiles), so the loop pipelines
 like the dense one; skipped blocks are never loaded.
 
+On Hopper the forward hands off to the warp-specialised Gluon kernel of ``gluon_sm90.py`` (same contract, same
+results; ``GLUON_FWD``) where it applies; this Triton forward runs everywhere else and under the interpreter.
+
 Speed notes (H100): only the causal diagonal tiles and a document's last partial tile are masked; every
 grid puts the heads of a tile next to each other and the heaviest tiles first (short tail, K/V shared in L2);
 the backward runs dk/dv per KV tile (the GQA group's q heads packed into the q tile rows, so each KV tile is

@@ -216,8 +216,8 @@ def check_sm90_forward(device: str = "cuda") -> list[dict]:
         allowed = (lambda doc, sq, sk, pat=pat, hkv=hkv: pat.token_mask(sq, hkv, device=device)) if pat else None
         ro, rl = ref.attention_reference(q.float(), k.float(), v.float(), cu, cu, causal=causal, scale=d ** -0.5,
                                          allowed=allowed)
-        r = {"case": f"sm90_{name}", "gluon_skipped": g.why_not(q, k, v, sp, pack), "out": rel(go, ro), "out_triton": rel(to, ro), "lse": rel(gl_, rl),
-             "lse_triton": rel(tl_, rl), "vs_triton": rel(go, to)}
+        r = {"case": f"sm90_{name}", "gluon_skipped": g.why_not(q, k, v, sp, pack), "out": rel(go, ro),
+             "out_triton": rel(to, ro), "lse": rel(gl_, rl), "lse_triton": rel(tl_, rl), "vs_triton": rel(go, to)}
         r["ok"] = r["gluon_skipped"] is None and r["out"] <= 2 * r["out_triton"] + 1e-3 and r["lse"] <= 1e-4
         rows.append(r)
     # ring hops: diagonal block then the earlier kv half, merged into fp32 (out, lse) in place, vs the whole

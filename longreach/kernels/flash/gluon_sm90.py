@@ -291,6 +291,8 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse, pack: int
         return "needs a CUDA device of compute capability 9.x (Hopper)"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return "needs bf16 or fp16 q, k, v of one dtype"
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return "no tokens (a TMA descriptor needs a non-empty tensor)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]} not in {HEAD_DIMS}"
     if sparse is not None and sparse.block % BLOCK_N:

@@ -91,7 +91,7 @@ GLUON_VARIANTS = [("dense", 128, False, 1, False, True), ("s2_pack4", 128, True,
 def gluon_stats() -> list[dict]:
     """Compile kernels/flash/gluon_sm90.py's forward for sm_90a in each variant -> its stats (no SASS)."""
     from longreach.kernels.flash import gluon_sm90 as g
-    from longreach.kernels.flash.triton import SparseArgs
+    from longreach.kernels.flash.triton import SparseArgs, _sparse_args
 
     rows = []
     t, hq, hkv = 1024, 32, 8
@@ -100,12 +100,13 @@ def gluon_stats() -> list[dict]:
         k = torch.randn(t, hkv, d, dtype=torch.bfloat16)
         cu = torch.tensor([0, t], dtype=torch.int32)
         sp = SparseArgs(128, 16, 1, 8, torch.zeros(hkv, dtype=torch.int32)) if sparse else None
-        out, lse = (torch.zeros(t, hq, d), torch.zeros(hq, t)) if acc else (None, None)
+        out = torch.zeros(t, hq, d, dtype=torch.float32 if acc else q.dtype)
+        lse = torch.zeros(hq, t)
+        dense, spt = _sparse_args(sp, "cpu")
         COMPILED.clear()
         g._BROKEN.clear()
-        g.attention_forward(q, k, k, cu, cu, t, causal=causal, scale=d ** -0.5,
-                            out_dtype=torch.float32 if acc else q.dtype, sparse=sp, pack=pack, out=out, lse=lse,
-                            accumulate=acc)
+        g.attention_forward_into(q, k, k, out, lse, cu, cu, t, dense, spt, causal=causal, scale=d ** -0.5,
+                                 sparse=sp is not None, pack=pack, accumulate=acc)
         if g._BROKEN:
             raise RuntimeError(f"Gluon forward {name} did not compile: {g._BROKEN[0]}")
         for kname, _, kern in COMPILED:

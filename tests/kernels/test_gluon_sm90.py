@@ -28,7 +28,7 @@ def test_interpreter_and_cpu_never_take_the_gluon_path(monkeypatch):
 
     called = []
     g = tk._gluon()
-    monkeypatch.setattr(g, "attention_forward", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(g, "attention_forward_into", lambda *a, **k: called.append(1))
     q = torch.randn(40, 4, 64, dtype=torch.bfloat16)
     k = torch.randn(40, 2, 64, dtype=torch.bfloat16)
     cu = torch.tensor([0, 40], dtype=torch.int32)

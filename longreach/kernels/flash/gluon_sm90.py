@@ -2,7 +2,7 @@
 
 Same contract as the Triton forward (``triton.py``): q [Tq, Hq, D], k/v [Tk, Hkv, D], packed documents, causal
 top-left aligned per document pair, GQA without repeating K/V, the S2 block walk, lse fp32 [Hq, Tq], and the ring's
-``accumulate`` mode (merge into a running fp32 out/lse in place). ``usable`` says when it applies; everything else
+``accumulate`` mode (merge into a running fp32 out/lse in place). ``why_not`` says when it does not apply: everything else
 (the interpreter, CPU, other GPUs, fp32 operands, other head dims, heads not adjacent in memory) runs the Triton
 kernel, which stays the reference implementation that CI runs under ``TRITON_INTERPRET=1``.
 
@@ -33,10 +33,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .triton import LOG2E
+
 # Triton 3.9 renamed the TMA load (3.6 has only the old name)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-LOG2E = 1.4426950408889634
 BLOCK_M = 128  # q rows per CTA (64 per consumer warpgroup)
 BLOCK_N = 128  # keys per K/V tile
 STAGES = 3  # K/V ring depth (the overlapped order frees a buffer one tile late: 2 stages stall, see the README)
@@ -307,42 +308,32 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse, pack: int
     return None
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                      max_q: int, *, causal: bool, scale: float, out_dtype: torch.dtype, sparse=None, pack: int = 1,
-                      out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                      accumulate: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """As ``triton.attention_forward`` (inputs already checked by it); None when the launch failed (the caller
-    then runs the Triton kernel, and this path stays off with a warning)."""
+def attention_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, dense: torch.Tensor, sp: tuple, *,
+                           causal: bool, scale: float, sparse: bool, pack: int, accumulate: bool) -> bool:
+    """The forward of ``triton.attention_forward`` into its ``out``/``lse`` (inputs checked and ``dense``/``sp``
+    = (block, window, sink, stride) built by it). False when the launch failed: the caller then runs the Triton
+    kernel, and this path stays off with a warning."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
-    if out is None:
-        out = torch.empty((tq, hq, d), dtype=out_dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     tok = BLOCK_M // pack
     lay = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
     q_desc = TensorDescriptor.from_tensor(_flat(q), [tok, d], lay)
     k_desc = TensorDescriptor.from_tensor(_flat(k), [BLOCK_N, d], lay)
     v_desc = TensorDescriptor.from_tensor(_flat(v), [BLOCK_N, d], lay)
-    if sparse is None:
-        dense, sp = torch.zeros(1, dtype=torch.int32, device=q.device), (128, 1, 0, 1)
-    else:
-        dense, sp = sparse.dense_heads, (sparse.block, sparse.window_blocks, sparse.sink_blocks, sparse.stride)
     n_tiles = triton.cdiv(max(max_q, 1), tok)
     n_hp = hq // pack
     grid = (n_tiles * n_hp, cu_q.numel() - 1)
     try:
         _attn_fwd_sm90[grid](q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0),
                              out.stride(1), lse.stride(0), *sp, n_tiles, n_hp, GROUP=hq // hkv, PACK=pack,
-                             CAUSAL=causal, SPARSE=sparse is not None, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                             CAUSAL=causal, SPARSE=sparse, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                              STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, ACC=accumulate,
                              num_warps=4)
-    except torch.cuda.OutOfMemoryError:
-        raise
     except Exception as e:  # a Triton whose Gluon API moved: warn once, run the Triton kernel from now on
         _BROKEN.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         warnings.warn(f"longreach: the Gluon sm_90 attention forward failed to launch ({_BROKEN[0]}); "
                       "using the Triton forward", RuntimeWarning, stacklevel=3)
-        return None
-    return out, lse
+        return False
+    return True

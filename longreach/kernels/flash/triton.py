@@ -732,19 +732,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
         if out is None or lse is None or out.dtype != torch.float32 or lse.dtype != torch.float32 or \
                 lse.stride(1) != 1 or out.stride(2) != 1:
             raise ValueError("accumulate=True needs fp32 out [Tq, Hq, D] and lse [Hq, Tq] (token stride 1)")
-    if not INTERPRET and OVERRIDE.get("gluon_fwd", GLUON_FWD):
-        g = _gluon()
-        gpack = OVERRIDE.get("gluon_pack", pack)
-        if g is not None and g.why_not(q, k, v, sparse, gpack) is None:
-            r = g.attention_forward(q, k, v, cu_q, cu_k, max_q, causal=causal, scale=scale, out_dtype=out_dtype,
-                                    sparse=sparse, pack=gpack, out=out, lse=lse, accumulate=accumulate)
-            if r is not None:
-                return r
     if out is None:
         out = torch.empty((tq, hq, d), dtype=out_dtype, device=q.device)
     if lse is None:
         lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
     dense, (spb, spw, sps, spst) = _sparse_args(sparse, q.device)
+    if not INTERPRET and OVERRIDE.get("gluon_fwd", GLUON_FWD):
+        g = _gluon()
+        gpack = OVERRIDE.get("gluon_pack", pack)
+        if g is not None and g.why_not(q, k, v, sparse, gpack) is None and g.attention_forward_into(
+                q, k, v, out, lse, cu_q, cu_k, max_q, dense, (spb, spw, sps, spst), causal=causal, scale=scale,
+                sparse=sparse is not None, pack=gpack, accumulate=accumulate):
+            return out, lse
     n_docs = cu_q.numel() - 1
     is_sparse = sparse is not None
     n_hp = hq // pack

@@ -2,7 +2,7 @@
 registers, spills, shared memory and matrix instructions (ptxas -v + cuobjdump), at no device time.
 
     python scripts/kernel_stats.py [--sparse] [--docs] [--sass DIR] [--override 'fwd=128,128,8,3' ...]
-    python scripts/kernel_stats.py --gluon [--json PATH]    # the Gluon sm_90 forward, its four variants
+    python scripts/kernel_stats.py --gluon [--json PATH]    # the Gluon sm_90 forward and dk/dv, 4 variants each
 
 Triton compiles for an explicit target: a stand-in driver reports compute capability 9.0, every launch is turned
 into a warm-up (compile only, no launch), and the drivers of ``longreach.kernels.flash.triton`` run unchanged on CPU
@@ -109,6 +109,40 @@ def gluon_stats() -> list[dict]:
                                  sparse=sp is not None, pack=pack, accumulate=acc)
         if g._BROKEN:
             raise RuntimeError(f"Gluon forward {name} did not compile: {g._BROKEN[0]}")
+        for kname, _, kern in COMPILED:
+            st = stats(kname, kern)
+            st.pop("sass")
+            rows.append(dict(variant=name, **st))
+    rows += gluon_bwd_stats()
+    return rows
+
+
+# the Gluon dk/dv kernel's variants: (name, head dim, S2?, accumulate, causal)
+GLUON_BWD_VARIANTS = [("bwd_dense", 128, False, False, True), ("bwd_s2", 128, True, False, True),
+                      ("bwd_d64_accumulate", 64, False, True, True), ("bwd_noncausal", 128, False, False, False)]
+
+
+def gluon_bwd_stats() -> list[dict]:
+    """Compile kernels/flash/gluon_sm90_bwd.py's dk/dv kernel for sm_90a in each variant -> its stats (no SASS)."""
+    from longreach.kernels.flash import gluon_sm90_bwd as g
+    from longreach.kernels.flash.triton import SparseArgs, _sparse_args
+
+    rows = []
+    t, hq, hkv = 1024, 32, 8
+    for name, d, sparse, acc, causal in GLUON_BWD_VARIANTS:
+        q = torch.randn(t, hq, d, dtype=torch.bfloat16)
+        k = torch.randn(t, hkv, d, dtype=torch.bfloat16)
+        cu = torch.tensor([0, t], dtype=torch.int32)
+        sp = SparseArgs(128, 16, 1, 8, torch.zeros(hkv, dtype=torch.int32)) if sparse else None
+        dk = torch.zeros(t, hkv, d, dtype=torch.float32 if acc else q.dtype)
+        delta = torch.zeros(hq, t)
+        dense, spt = _sparse_args(sp, "cpu")
+        COMPILED.clear()
+        g._BROKEN.clear()
+        g.dkdv_into(q, q, k, k, delta, delta, cu, cu, t, dense, spt, dk, dk.clone(), causal=causal, scale=d ** -0.5,
+                    sparse=sp is not None, accumulate=acc)
+        if g._BROKEN:
+            raise RuntimeError(f"Gluon dk/dv {name} did not compile: {g._BROKEN[0]}")
         for kname, _, kern in COMPILED:
             st = stats(kname, kern)
             st.pop("sass")

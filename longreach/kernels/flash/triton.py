@@ -596,6 +596,14 @@ BWD_TMA = True
 # the forward on Hopper (sm_90, 16-bit, D 64/128) runs the warp-specialised Gluon kernel of gluon_sm90.py (dense
 # 32K 15.0 vs 17.4 ms, S2 3.8 vs 4.4 on the H200); this Triton kernel everywhere else (and under the interpreter)
 GLUON_FWD = True
+# the backward's dk/dv half on Hopper likewise runs the Gluon kernel of gluon_sm90_bwd.py (delta + dk/dv, dense 32K
+# 28.3 vs 33.5 ms, 128K 456 vs 534, S2 32K 7.6 vs 8.6 on the H200); dq stays this module's kernel. Backward: dense
+# 32K 48.8 vs 54.1 ms, 128K 779 vs 862 (bench/results/gluon_bwd_ab_h200_2026-12-02.json)
+GLUON_BWD = True
+# dq added into an fp32 buffer by the Gluon dk/dv kernel's register atomics (5 matmuls per tile pair, not 7): correct
+# but slower (dense 32K backward 83 vs 49 ms: the 64x128 fp32 atomics per step saturate), off; a TMA reduce-add
+# (Gluon's tma.async_atomic_add, Triton >= 3.9) is the way to try it again
+GLUON_ATOMIC_DQ = False
 # the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
 OVERRIDE: dict = {}
 # fp32 operands (tf32 dots; the ring's checks) and GPUs without the shared memory for the tuned tiles
@@ -695,18 +703,20 @@ def _pack(pack: int) -> int:
     return pack if pack >= 1 and pack & (pack - 1) == 0 else 1
 
 
-_GLUON: list = []
+_GLUON: dict = {}
 
 
-def _gluon():
-    """The Gluon sm_90 forward module, or None where this Triton has no Gluon (imported once)."""
-    if not _GLUON:
+def _gluon(name: str = "gluon_sm90"):
+    """A Gluon sm_90 module (``gluon_sm90``: the forward, ``gluon_sm90_bwd``: the dk/dv kernel), or None where this
+    Triton has no Gluon (imported once)."""
+    if name not in _GLUON:
         try:
-            from . import gluon_sm90
+            import importlib
+
+            _GLUON[name] = importlib.import_module(f"{__package__}.{name}")
         except Exception:  # no triton.experimental.gluon (Triton < 3.5), or its Hopper API moved
-            gluon_sm90 = None
-        _GLUON.append(gluon_sm90)
-    return _GLUON[0]
+            _GLUON[name] = None
+    return _GLUON[name]
 
 
 # ----------------------------------------------------------------------------------------------- drivers
@@ -790,17 +800,40 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     wide = q.element_size() > 2
     if INTERPRET:  # see attention_forward
         q, k, v = q.float(), k.float(), v.float()
-    delta = torch.empty_like(lse)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    blk = 64
-    _bwd_delta[(triton.cdiv(tq, blk), hq)](out, do, delta, tq, out.stride(0), out.stride(1), do.stride(0),
-                                           do.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK=blk)
-    # the dots take dout in the operands' dtype (the ring may hand an fp32 one); delta above used it as given
-    do = do.to(q.dtype)
-    dense, (spb, spw, sps, spst) = _sparse_args(sparse, q.device)
-    n_docs = cu_q.numel() - 1
+    # the dots take dout in the operands' dtype (the ring may hand an fp32 one); delta uses it as given
+    do_in, do = do, do.to(q.dtype)
     is_sparse = sparse is not None
+    dense, (spb, spw, sps, spst) = _sparse_args(sparse, q.device)
+    gb = None
+    if not INTERPRET and OVERRIDE.get("gluon_bwd", GLUON_BWD) and not _fused(is_sparse) and \
+            not _atomic_dq(is_sparse):
+        gb = _gluon("gluon_sm90_bwd")
+        if gb is not None and gb.why_not(q, k, v, do, lse, sparse) is not None:
+            gb = None
+    gluon_dkdv = False
+    if gb is not None:  # delta (+ lse2) and dk/dv by the Gluon kernels, once, outside go() (accumulate mode)
+        delta, lse2 = gb.prep(do_in, out, lse)
+        g_dq = None
+        if OVERRIDE.get("gluon_atomic_dq", GLUON_ATOMIC_DQ):  # dq added in by the dk/dv kernel (fp32 atomics)
+            g_dq = dq if dq.dtype == torch.float32 else torch.zeros((tq, hq, d), dtype=torch.float32,
+                                                                    device=q.device)
+            if acc is None and g_dq is dq:
+                g_dq.zero_()
+        gluon_dkdv = gb.dkdv_into(do, q, k, v, delta, lse2, cu_q, cu_k, max_k, dense, (spb, spw, sps, spst), dk, dv,
+                                  causal=causal, scale=scale, sparse=is_sparse, accumulate=acc is not None, dq=g_dq)
+        if gluon_dkdv and g_dq is not None:
+            if g_dq is not dq:
+                dq.copy_(g_dq)
+            return dq, dk, dv
+    else:
+        # lse's strides (the kernels index delta with lse's head stride, also when lse is a view)
+        delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=lse.device)
+        blk = 64
+        _bwd_delta[(triton.cdiv(tq, blk), hq)](out, do_in, delta, tq, out.stride(0), out.stride(1), do_in.stride(0),
+                                               do_in.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK=blk)
+    n_docs = cu_q.numel() - 1
     sp_block = spb if is_sparse else None
     n_hp = hq // pack
     kw = dict(GROUP=group, PACK=pack, CAUSAL=causal, SPARSE=is_sparse, HEAD_DIM=d,
@@ -839,12 +872,13 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
                  dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=True, ACC=accumulate, TMA=tma), t1.warps, t1.stages)
         else:
-            qd, dod = _descs(tma, (q, do), [t1.m // pack, pack, d])
-            args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
-                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
-                    dq, dq.stride(0), dq.stride(1), qd, dod)
-            _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
-                 dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=False, ACC=accumulate, TMA=tma), t1.warps, t1.stages)
+            if not gluon_dkdv:
+                qd, dod = _descs(tma, (q, do), [t1.m // pack, pack, d])
+                args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
+                        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *sp, hkv,
+                        dq, dq.stride(0), dq.stride(1), qd, dod)
+                _run(_attn_bwd_dkdv, (n_kv_prog, n_docs), args, kw,
+                     dict(BLOCK_M=t1.m, BLOCK_N=t1.n, ATOMIC_DQ=False, ACC=accumulate, TMA=tma), t1.warps, t1.stages)
             kd, vd = _descs(tma, (k, v), [t2.n, 1, d])
             args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, dense, qk_scale, scale, *strides_in,
                     dq.stride(0), dq.stride(1), lse.stride(0), *sp, n_qtiles, n_hp, kd, vd)

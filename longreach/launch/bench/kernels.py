@@ -250,6 +250,108 @@ def check_sm90_forward(device: str = "cuda") -> list[dict]:
     return rows
 
 
+def check_sm90_backward(device: str = "cuda") -> list[dict]:
+    """The backward with the Gluon sm_90 dk/dv kernel (kernels/flash/gluon_sm90_bwd.py) against the all-Triton
+    backward and an fp32 reference: odd lengths, documents, GQA, D 64, fp16, non-causal with q and k documents of
+    different lengths, S2 with dense heads and block 256, fp32 grads, and the ring's accumulate mode (two kv halves
+    added into fp32 dq/dk/dv in place)."""
+    from ...kernels.flash import reference as ref
+    from ...kernels.flash import triton as tk
+    from ...kernels.s2 import S2Pattern
+    from ...kernels.s2.triton import sparse_args
+
+    g = tk._gluon("gluon_sm90_bwd")
+    x = torch.zeros(8, 2, 128, device=device, dtype=torch.bfloat16)
+    why = "no Gluon in this Triton" if g is None else g.why_not(x, x, x, x, torch.zeros(2, 8, device=device), None)
+    if why:
+        return [{"case": "sm90_backward", "skipped": why}]
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    rows = []
+
+    def bwd(gluon, *a, **kw):  # gluon: False (all Triton), True (Gluon dk/dv + Triton dq), "atomic" (dq in dk/dv)
+        tk.OVERRIDE["gluon_bwd"] = bool(gluon)
+        tk.OVERRIDE["gluon_atomic_dq"] = gluon == "atomic"
+        try:
+            return tk.attention_backward(*a, **kw)
+        finally:
+            tk.OVERRIDE.pop("gluon_bwd", None)
+            tk.OVERRIDE.pop("gluon_atomic_dq", None)
+
+    cases = [  # name, q doc lengths, k doc lengths, hq, hkv, d, dtype, causal, S2 pattern, grad dtype
+        ("dense", [1000], None, 32, 8, 128, torch.bfloat16, True, None, None),
+        ("docs", [1000, 1900, 1196], None, 32, 8, 128, torch.bfloat16, True, None, None),
+        ("d64_mha_fp16", [777], None, 8, 8, 64, torch.float16, True, None, None),
+        ("noncausal_qk_lengths", [600, 333], [250, 901], 4, 2, 128, torch.bfloat16, False, None, None),
+        ("causal_fp32_grads", [1300], None, 8, 2, 128, torch.bfloat16, True, None, torch.float32),
+        ("s2", [3000], None, 32, 8, 128, torch.bfloat16, True, S2Pattern(128, 512, 128, 4), None),
+        ("s2_docs_dense_heads", [1500, 2100], None, 16, 4, 128, torch.bfloat16, True,
+         S2Pattern(128, 256, 0, 8, dense_heads=(1, 2)), None),
+        ("s2_block256_gqa8", [2500], None, 16, 2, 128, torch.bfloat16, True, S2Pattern(256, 512, 256, 3), None),
+    ]
+    for name, lq, lk, hq, hkv, d, dt, causal, pat, gdt in cases:
+        torch.manual_seed(0)
+        lk = lk or lq
+        cu_q = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32, device=device)
+        q = torch.randn(sum(lq), hq, d, device=device, dtype=dt)
+        k, v = (torch.randn(sum(lk), hkv, d, device=device, dtype=dt) for _ in range(2))
+        sp = sparse_args(pat, hkv, device) if pat else None
+        pack = hq // hkv if pat else 1
+        sc = d ** -0.5
+        out, lse = tk.attention_forward(q, k, v, cu_q, cu_k, max(lq), causal=causal, scale=sc, out_dtype=dt,
+                                        sparse=sp, pack=pack)
+        do = torch.randn_like(q)
+        kw = dict(causal=causal, scale=sc, sparse=sp, pack=pack, grad_dtype=gdt)
+        tg = bwd(False, do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), **kw)
+        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+        allowed = (lambda doc, sq, sk, pat=pat, hkv=hkv: pat.token_mask(sq, hkv, device=device)) if pat else None
+        ro, _ = ref.attention_reference(qf, kf, vf, cu_q, cu_k, causal=causal, scale=sc, allowed=allowed)
+        ro.backward(do.float())
+        for mode in (True, "atomic"):
+            gg = bwd(mode, do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), **kw)
+            r = {"case": f"sm90_bwd_{name}" + ("_atomic_dq" if mode == "atomic" else ""),
+                 "gluon_skipped": g.why_not(q, k, v, do, lse, sp)}
+            for n_, a, b, ref_ in zip(("dq", "dk", "dv"), gg, tg, (qf.grad, kf.grad, vf.grad)):
+                r[n_], r[f"{n_}_triton"], r[f"{n_}_vs_triton"] = rel(a, ref_), rel(b, ref_), rel(a, b)
+            r["ok"] = r["gluon_skipped"] is None and all(r[n_] <= 2 * r[f"{n_}_triton"] + 1e-3
+                                                         for n_ in ("dq", "dk", "dv"))
+            r["ok"] = r["ok"] and all(x.dtype == (gdt or dt) for x in gg)
+            rows.append(r)
+    # ring hops: the diagonal block, then the earlier kv half, both added into fp32 dq/dk/dv, vs the whole
+    torch.manual_seed(1)
+    s, hq, hkv, d = 1536, 8, 2, 128
+    q, k, v = (torch.randn(s, h, d, device=device, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    h = 640
+    cu = torch.tensor([0, s], dtype=torch.int32, device=device)
+    cu_h = torch.tensor([0, s - h], dtype=torch.int32, device=device)
+    cu_e = torch.tensor([0, h], dtype=torch.int32, device=device)
+    out, lse = tk.attention_forward(q, k, v, cu, cu, s, causal=True, scale=d ** -0.5, out_dtype=torch.bfloat16)
+    do = torch.randn_like(q)
+    o2, l2 = out[h:], lse[:, h:]
+    res = {}
+    for gluon in (True, "atomic", False):
+        dq = torch.zeros(s - h, hq, d, device=device)
+        dk, dv = torch.zeros(s, hkv, d, device=device), torch.zeros(s, hkv, d, device=device)
+        bwd(gluon, do[h:], q[h:], k[h:], v[h:], o2, l2, cu_h, cu_h, s - h, s - h, causal=True, scale=d ** -0.5,
+            acc=(dq, dk[h:], dv[h:]))
+        bwd(gluon, do[h:], q[h:], k[:h], v[:h], o2, l2, cu_h, cu_e, s - h, h, causal=False, scale=d ** -0.5,
+            acc=(dq, dk[:h], dv[:h]))
+        res[gluon] = (dq, dk, dv)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    ro, _ = ref.attention_reference(qf, kf, vf, cu, cu, causal=True, scale=d ** -0.5)
+    (ro[h:] * do[h:].float()).sum().backward()
+    for mode in (True, "atomic"):
+        r = {"case": "sm90_bwd_ring_accumulate" + ("_atomic_dq" if mode == "atomic" else "")}
+        for i, (n_, ref_) in enumerate(zip(("dq", "dk", "dv"), (qf.grad[h:], kf.grad, vf.grad))):
+            r[n_], r[f"{n_}_triton"] = rel(res[mode][i], ref_), rel(res[False][i], ref_)
+        r["ok"] = all(r[n_] <= 2 * r[f"{n_}_triton"] + 1e-3 for n_ in ("dq", "dk", "dv"))
+        rows.append(r)
+    rows.append({"case": "sm90_bwd_launch_errors", "ok": not g._BROKEN, "errors": list(g._BROKEN)})
+    for r in rows:
+        print({k_: (round(v_, 6) if isinstance(v_, float) else v_) for k_, v_ in r.items()}, flush=True)
+    return rows
+
+
 def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, pattern,
         on_row: Callable[[list], None] = lambda rows: None) -> list[dict]:
     """Time every method at every length; ``on_row(results)`` after each row (the JSON is written as we go)."""
@@ -312,7 +414,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pass
     if a.check:
         try:
-            report["check"] = check() + check_sm90_forward()
+            report["check"] = check() + check_sm90_forward() + check_sm90_backward()
             for r in report["check"][-2:]:
                 print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         except Exception as e:  # a failed check is reported in the JSON; the timings still run

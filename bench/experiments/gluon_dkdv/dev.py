@@ -1,4 +1,4 @@
-"""GPU check and timing of the Gluon dK/dV kernel (dkdv_ws.py) against the Triton backward's dk/dv kernel and an fp32
+"""GPU check and timing of the Gluon dK/dV kernel (now longreach/kernels/flash/gluon_sm90_bwd.py) against the Triton backward's dk/dv kernel and an fp32
 reference. PYTHONPATH=. python bench/experiments/gluon_dkdv/dev.py  (writes $OUT/gluon_dkdv_dev.json;
 LENS=32768,131072; CONFIGS="4,1,0 4,0,0 2,1,0 4,1,1" = STAGES,PINGPONG,WAIT_DV)
 
@@ -12,13 +12,32 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-sys.path.insert(0, HERE)
-import dkdv_ws  # noqa: E402
 from harness import Rows, bench, rel  # noqa: E402
 from longreach.kernels.flash import reference as ref  # noqa: E402
 from longreach.kernels.flash import triton as tk  # noqa: E402
 from longreach.kernels.s2 import S2Pattern  # noqa: E402
 from longreach.kernels.s2.triton import sparse_args  # noqa: E402
+
+g_mod = tk._gluon("gluon_sm90_bwd")
+
+
+class dkdv_ws:  # the experiment's former module API over the package kernel
+    prep = staticmethod(g_mod.prep)
+
+    @staticmethod
+    def dkdv(do, q, k, v, delta, lse2, cu_q, cu_k, max_k, *, causal, scale, dk=None, dv=None, accumulate=False,
+             sparse=None):
+        dk = torch.empty_like(k) if dk is None else dk
+        dv = torch.empty_like(v) if dv is None else dv
+        dense, sp = tk._sparse_args(sparse, q.device)
+        for n in ("STAGES", "PINGPONG", "WAIT_DV"):
+            setattr(g_mod, n, getattr(dkdv_ws, n))
+        assert g_mod.dkdv_into(do, q, k, v, delta, lse2, cu_q, cu_k, max_k, dense, sp, dk, dv, causal=causal,
+                               scale=scale, sparse=sparse is not None, accumulate=accumulate)
+        return dk, dv
+
+
+dkdv_ws.STAGES, dkdv_ws.PINGPONG, dkdv_ws.WAIT_DV = g_mod.STAGES, g_mod.PINGPONG, g_mod.WAIT_DV
 
 rows = Rows(os.environ.get("NAME", "gluon_dkdv_dev"))
 dev = "cuda"

@@ -88,65 +88,56 @@ GLUON_VARIANTS = [("dense", 128, False, 1, False, True), ("s2_pack4", 128, True,
                   ("d64_accumulate", 64, False, 1, True, True), ("noncausal_pack8", 128, False, 8, False, False)]
 
 
-def gluon_stats() -> list[dict]:
-    """Compile kernels/flash/gluon_sm90.py's forward for sm_90a in each variant -> its stats (no SASS)."""
-    from longreach.kernels.flash import gluon_sm90 as g
-    from longreach.kernels.flash.triton import SparseArgs, _sparse_args
-
-    rows = []
-    t, hq, hkv = 1024, 32, 8
-    for name, d, sparse, pack, acc, causal in GLUON_VARIANTS:
-        q = torch.randn(t, hq, d, dtype=torch.bfloat16)
-        k = torch.randn(t, hkv, d, dtype=torch.bfloat16)
-        cu = torch.tensor([0, t], dtype=torch.int32)
-        sp = SparseArgs(128, 16, 1, 8, torch.zeros(hkv, dtype=torch.int32)) if sparse else None
-        out = torch.zeros(t, hq, d, dtype=torch.float32 if acc else q.dtype)
-        lse = torch.zeros(hq, t)
-        dense, spt = _sparse_args(sp, "cpu")
-        COMPILED.clear()
-        g._BROKEN.clear()
-        g.attention_forward_into(q, k, k, out, lse, cu, cu, t, dense, spt, causal=causal, scale=d ** -0.5,
-                                 sparse=sp is not None, pack=pack, accumulate=acc)
-        if g._BROKEN:
-            raise RuntimeError(f"Gluon forward {name} did not compile: {g._BROKEN[0]}")
-        for kname, _, kern in COMPILED:
-            st = stats(kname, kern)
-            st.pop("sass")
-            rows.append(dict(variant=name, **st))
-    rows += gluon_bwd_stats()
-    return rows
-
-
 # the Gluon dk/dv kernel's variants: (name, head dim, S2?, accumulate, causal)
 GLUON_BWD_VARIANTS = [("bwd_dense", 128, False, False, True), ("bwd_s2", 128, True, False, True),
                       ("bwd_d64_accumulate", 64, False, True, True), ("bwd_noncausal", 128, False, False, False)]
 
 
-def gluon_bwd_stats() -> list[dict]:
-    """Compile kernels/flash/gluon_sm90_bwd.py's dk/dv kernel for sm_90a in each variant -> its stats (no SASS)."""
-    from longreach.kernels.flash import gluon_sm90_bwd as g
+def _compiled_stats(variant: str, module, launch) -> list[dict]:
+    """``launch()`` (a Gluon host function, compile only) -> the stats of what it compiled (no SASS)."""
+    COMPILED.clear()
+    module._BROKEN.clear()
+    launch()
+    if module._BROKEN:
+        raise RuntimeError(f"Gluon {variant} did not compile: {module._BROKEN[0]}")
+    rows = []
+    for kname, _, kern in COMPILED:
+        st = stats(kname, kern)
+        st.pop("sass")
+        rows.append(dict(variant=variant, **st))
+    return rows
+
+
+def gluon_stats() -> list[dict]:
+    """Compile kernels/flash/gluon_sm90.py's forward and gluon_sm90_bwd.py's dk/dv kernel for sm_90a in each
+    variant -> their stats."""
+    from longreach.kernels.flash import gluon_sm90 as g
+    from longreach.kernels.flash import gluon_sm90_bwd as gb
     from longreach.kernels.flash.triton import SparseArgs, _sparse_args
 
     rows = []
     t, hq, hkv = 1024, 32, 8
-    for name, d, sparse, acc, causal in GLUON_BWD_VARIANTS:
+    cu = torch.tensor([0, t], dtype=torch.int32)
+
+    def inputs(d, sparse):
         q = torch.randn(t, hq, d, dtype=torch.bfloat16)
         k = torch.randn(t, hkv, d, dtype=torch.bfloat16)
-        cu = torch.tensor([0, t], dtype=torch.int32)
         sp = SparseArgs(128, 16, 1, 8, torch.zeros(hkv, dtype=torch.int32)) if sparse else None
+        return q, k, sp, *_sparse_args(sp, "cpu")
+
+    for name, d, sparse, pack, acc, causal in GLUON_VARIANTS:
+        q, k, sp, dense, spt = inputs(d, sparse)
+        out = torch.zeros(t, hq, d, dtype=torch.float32 if acc else q.dtype)
+        rows += _compiled_stats(name, g, lambda: g.attention_forward_into(
+            q, k, k, out, torch.zeros(hq, t), cu, cu, t, dense, spt, causal=causal, scale=d ** -0.5,
+            sparse=sp is not None, pack=pack, accumulate=acc))
+    for name, d, sparse, acc, causal in GLUON_BWD_VARIANTS:
+        q, k, sp, dense, spt = inputs(d, sparse)
         dk = torch.zeros(t, hkv, d, dtype=torch.float32 if acc else q.dtype)
         delta = torch.zeros(hq, t)
-        dense, spt = _sparse_args(sp, "cpu")
-        COMPILED.clear()
-        g._BROKEN.clear()
-        g.dkdv_into(q, q, k, k, delta, delta, cu, cu, t, dense, spt, dk, dk.clone(), causal=causal, scale=d ** -0.5,
-                    sparse=sp is not None, accumulate=acc)
-        if g._BROKEN:
-            raise RuntimeError(f"Gluon dk/dv {name} did not compile: {g._BROKEN[0]}")
-        for kname, _, kern in COMPILED:
-            st = stats(kname, kern)
-            st.pop("sass")
-            rows.append(dict(variant=name, **st))
+        rows += _compiled_stats(name, gb, lambda: gb.dkdv_into(
+            q, q, k, k, delta, delta, cu, cu, t, dense, spt, dk, dk.clone(), causal=causal, scale=d ** -0.5,
+            sparse=sp is not None, accumulate=acc))
     return rows
 
 

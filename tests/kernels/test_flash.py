@@ -173,3 +173,43 @@ def test_bad_inputs_raise_clear_errors():
         flash_attention(rand(8, 2, 64), rand(8, 2, 64), rand(8, 2, 64))
     with pytest.raises(ValueError, match="mask="):
         flash_attention_block(rand(1, 8, 2, 64), rand(1, 8, 2, 64), rand(1, 8, 2, 64), mask="diag")
+
+
+def test_backward_takes_lse_as_a_strided_view():
+    # the ring hands the backward slices of its lse ([Hq, T] viewed [:, h:]): delta must be indexed with lse's strides
+    from longreach.kernels.flash import triton as tk
+
+    torch.manual_seed(0)
+    t, pad, hq, hkv, d = 48, 16, 4, 2, 32
+    q, do = torch.randn(t, hq, d), torch.randn(t, hq, d)
+    k, v = torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    cu = torch.tensor([0, t], dtype=torch.int32)
+    out, lse = tk.attention_forward(q, k, v, cu, cu, t, causal=True, scale=d ** -0.5, out_dtype=torch.float32)
+    big = torch.full((hq, pad + t), float("nan"))
+    big[:, pad:] = lse
+    view = big[:, pad:]
+    assert view.stride(0) != view.shape[1]
+    kw = dict(causal=True, scale=d ** -0.5)
+    want = tk.attention_backward(do, q, k, v, out, lse, cu, cu, t, t, **kw)
+    got = tk.attention_backward(do, q, k, v, out, view, cu, cu, t, t, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_gluon_backward_prep_delta_and_lse2():
+    # the Gluon dk/dv kernel's inputs come from the Triton delta kernel (runs here in the interpreter)
+    from longreach.kernels.flash import triton as tk
+
+    g = tk._gluon("gluon_sm90_bwd")
+    torch.manual_seed(0)
+    t, hq, d = 70, 3, 64
+    out, do = torch.randn(t, hq, d), torch.randn(t, hq, d)
+    big = torch.randn(hq, t + 10)
+    lse = big[:, 10:]
+    lse[1, 5] = float("-inf")  # a row that saw no key
+    delta, lse2 = g.prep(do, out, lse)
+    assert delta.stride() == lse.stride() == lse2.stride()
+    torch.testing.assert_close(delta, (out * do).sum(-1).t())
+    want = lse * 1.4426950408889634
+    want[1, 5] = float("inf")
+    torch.testing.assert_close(lse2, want)

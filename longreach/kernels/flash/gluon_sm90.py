@@ -284,28 +284,49 @@ def _flat(x: torch.Tensor) -> Optional[torch.Tensor]:
 _BROKEN: list = []  # the first launch error, after which this path is off for the process
 
 
-def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse, pack: int) -> Optional[str]:
-    """None when this forward applies to these tensors, else the reason (the Triton kernel then runs)."""
-    if _BROKEN:
-        return f"disabled after a launch error: {_BROKEN[0]}"
+def operands_why_not(broken: list, xs: tuple, names: str, sparse, block_n: int) -> Optional[str]:
+    """The checks the Gluon sm_90 kernels share, on ``xs`` = (q, k, ...) all loaded by TMA: None when they pass,
+    else the reason. ``broken``: the module's launch errors (non-empty: the path is off)."""
+    q, k = xs[0], xs[1]
+    if broken:
+        return f"disabled after a launch error: {broken[0]}"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "needs a CUDA device of compute capability 9.x (Hopper)"
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return "needs bf16 or fp16 q, k, v of one dtype"
+    if q.dtype not in (torch.bfloat16, torch.float16) or any(x.dtype != q.dtype for x in xs):
+        return f"needs bf16 or fp16 {names} of one dtype"
     if q.shape[0] == 0 or k.shape[0] == 0:
         return "no tokens (a TMA descriptor needs a non-empty tensor)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]} not in {HEAD_DIMS}"
-    if sparse is not None and sparse.block % BLOCK_N:
-        return f"S2 block {sparse.block} is not a multiple of {BLOCK_N}"
-    if BLOCK_M % pack or (BLOCK_M // pack) % 8:
-        return f"pack {pack} does not split {BLOCK_M} rows into TMA boxes"
-    for x in (q, k, v):
+    if sparse is not None and sparse.block % block_n:
+        return f"S2 block {sparse.block} is not a multiple of {block_n}"
+    for x in xs:
         if _flat(x) is None or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
             return "TMA needs heads adjacent, a contiguous head dim and 16-byte aligned rows"
-    if q.shape[1] * max(q.shape[0], 1) >= 2 ** 31:
+    if q.shape[1] * q.shape[0] >= 2 ** 31:
         return "lse index passes int32"
     return None
+
+
+def launch_guarded(broken: list, what: str, launch) -> bool:
+    """``launch()``; False (and ``broken`` records why, with one warning) when it raised: a Triton whose Gluon API
+    moved. The caller then runs the Triton kernel, and ``why_not`` keeps this path off from then on."""
+    try:
+        launch()
+    except Exception as e:
+        broken.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        warnings.warn(f"longreach: the Gluon sm_90 {what} failed to launch ({broken[0]}); using the Triton kernel",
+                      RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse, pack: int) -> Optional[str]:
+    """None when this forward applies to these tensors, else the reason (the Triton kernel then runs)."""
+    why = operands_why_not(_BROKEN, (q, k, v), "q, k, v", sparse, BLOCK_N)
+    if why is None and (BLOCK_M % pack or (BLOCK_M // pack) % 8):
+        return f"pack {pack} does not split {BLOCK_M} rows into TMA boxes"
+    return why
 
 
 def attention_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -325,15 +346,8 @@ def attention_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     n_tiles = triton.cdiv(max(max_q, 1), tok)
     n_hp = hq // pack
     grid = (n_tiles * n_hp, cu_q.numel() - 1)
-    try:
-        _attn_fwd_sm90[grid](q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0),
-                             out.stride(1), lse.stride(0), *sp, n_tiles, n_hp, GROUP=hq // hkv, PACK=pack,
-                             CAUSAL=causal, SPARSE=sparse, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                             STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, ACC=accumulate,
-                             num_warps=4)
-    except Exception as e:  # a Triton whose Gluon API moved: warn once, run the Triton kernel from now on
-        _BROKEN.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        warnings.warn(f"longreach: the Gluon sm_90 attention forward failed to launch ({_BROKEN[0]}); "
-                      "using the Triton forward", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    return launch_guarded(_BROKEN, "attention forward", lambda: _attn_fwd_sm90[grid](
+        q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0), out.stride(1),
+        lse.stride(0), *sp, n_tiles, n_hp, GROUP=hq // hkv, PACK=pack, CAUSAL=causal, SPARSE=sparse, HEAD_DIM=d,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
+        ACC=accumulate, num_warps=4))

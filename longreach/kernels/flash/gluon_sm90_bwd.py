@@ -23,20 +23,18 @@ is correct but slower there (83 ms): off by default (``triton.GLUON_ATOMIC_DQ``)
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                 warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .gluon_sm90 import HEAD_DIMS, _flat, _tma_load
-from .triton import LOG2E
+from .gluon_sm90 import _flat, _my_turn, _tma_load, launch_guarded, operands_why_not
+from .triton import LOG2E, _bwd_delta
 
 BLOCK_N = 128  # keys per CTA (64 per consumer)
 BLOCK_M = 64  # q tokens per step
@@ -47,23 +45,6 @@ PINGPONG = 1
 WAIT_DV = 0
 CONSUMER_REGS = 240
 LOADER_REGS = 24
-
-
-@triton.jit
-def _prep(O, DO, LSE, DELTA, LSE2, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh, stride_dh,
-          HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    # delta[h, t] = sum_d out * dout, and lse2 = lse * log2(e) with -inf (a row that saw no key) -> +inf (p = 0)
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
-    d = tl.arange(0, HEAD_DIM)
-    ok = t < T
-    t64 = t.to(tl.int64)
-    o = tl.load(O + t64[:, None] * stride_ot + h * stride_oh + d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=ok[:, None], other=0.0)
-    tl.store(DELTA + h * stride_dh + t64, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
-    lse = tl.load(LSE + h * stride_lh + t64, mask=ok, other=0.0)
-    tl.store(LSE2 + h * stride_dh + t64, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
-             mask=ok)
 
 
 @gluon.jit
@@ -88,22 +69,6 @@ def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [q_start + start, head * HEAD_DIM], bar, q_bufs.index(st))
         _tma_load(do_desc, [q_start + start, head * HEAD_DIM], bar, do_bufs.index(st))
-
-
-@gluon.jit
-def _my_turn(turn, w: gl.constexpr, t, PINGPONG: gl.constexpr):
-    # consumer 0 issues step t after consumer 1 issued step t-1; consumer 1 after consumer 0 issued step t
-    if PINGPONG:
-        if w == 0:
-            mbarrier.wait(turn.index(0), (t - 1) & 1, pred=t > 0)
-        else:
-            mbarrier.wait(turn.index(1), t & 1)
-
-
-@gluon.jit
-def _pass_turn(turn, w: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - w))
 
 
 @gluon.jit
@@ -142,10 +107,12 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, kv_bar,
         q_s = q_bufs.index(st)
         do_s = do_bufs.index(st)
         s_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_l)
-        _my_turn(turn, w, it, PINGPONG)
+        if PINGPONG:
+            _my_turn(turn, w, it)
         sT = warpgroup_mma(k_w, q_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dpT = warpgroup_mma(v_w, do_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pass_turn(turn, w, PINGPONG)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - w))
         # (lse/delta loaded under the matmuls, not kept live through them: registers)
         lse_b = gl.load(LSE2 + head * stride_lh + q_start + tok_b, mask=ok_b, other=float("inf"))
         delta_b = gl.load(DELTA + head * stride_lh + q_start + tok_b, mask=ok_b, other=0.0)
@@ -282,26 +249,10 @@ _BROKEN: list = []  # the first launch error, after which this path is off for t
 def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
             sparse) -> Optional[str]:
     """None when this dk/dv kernel applies (``do`` in q's dtype), else the reason (the Triton kernel then runs)."""
-    if _BROKEN:
-        return f"disabled after a launch error: {_BROKEN[0]}"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return "needs a CUDA device of compute capability 9.x (Hopper)"
-    if q.dtype not in (torch.bfloat16, torch.float16) or any(x.dtype != q.dtype for x in (k, v, do)):
-        return "needs bf16 or fp16 q, k, v, dout of one dtype"
-    if q.shape[0] == 0 or k.shape[0] == 0:
-        return "no tokens (a TMA descriptor needs a non-empty tensor)"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head dim {q.shape[-1]} not in {HEAD_DIMS}"
-    if sparse is not None and sparse.block % BLOCK_N:
-        return f"S2 block {sparse.block} is not a multiple of {BLOCK_N}"
-    for x in (q, k, v, do):
-        if _flat(x) is None or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
-            return "TMA needs heads adjacent, a contiguous head dim and 16-byte aligned rows"
-    if lse.stride(1) != 1:
+    why = operands_why_not(_BROKEN, (q, k, v, do), "q, k, v, dout", sparse, BLOCK_N)
+    if why is None and lse.stride(1) != 1:
         return "lse needs token stride 1"
-    if q.shape[1] * q.shape[0] >= 2 ** 31:
-        return "lse index passes int32"
-    return None
+    return why
 
 
 def prep(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,8 +261,8 @@ def prep(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.
     tq, hq, d = out.shape
     delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=lse.device)
     lse2 = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=lse.device)
-    _prep[(triton.cdiv(tq, 64), hq)](out, do, lse, delta, lse2, tq, out.stride(0), out.stride(1), do.stride(0),
-                                     do.stride(1), lse.stride(0), delta.stride(0), HEAD_DIM=d, BLOCK=64)
+    _bwd_delta[(triton.cdiv(tq, 64), hq)](out, do, delta, tq, out.stride(0), out.stride(1), do.stride(0),
+                                          do.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK=64, LSE=lse, LSE2=lse2)
     return delta, lse2
 
 
@@ -332,7 +283,8 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     lay_q = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdt)
     lay_k = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
     grid = (triton.cdiv(max(max_k, 1), BLOCK_N) * hkv, cu_q.numel() - 1)
-    try:
+
+    def launch():
         q_desc = TensorDescriptor.from_tensor(_flat(q), [BLOCK_M, d], lay_q)
         do_desc = TensorDescriptor.from_tensor(_flat(do), [BLOCK_M, d], lay_q)
         k_desc = TensorDescriptor.from_tensor(_flat(k), [BLOCK_N, d], lay_k)
@@ -344,9 +296,5 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                               STAGES=STAGES_ATOMIC if atomic else STAGES, PINGPONG=PINGPONG,
                               CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, WAIT_DV=WAIT_DV,
                               ATOMIC_DQ=atomic, DQ_SPLIT=DQ_SPLIT if atomic else 1, num_warps=4)
-    except Exception as e:  # a Triton whose Gluon API moved: warn once, run the Triton kernel from now on
-        _BROKEN.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        warnings.warn(f"longreach: the Gluon sm_90 dk/dv kernel failed to launch ({_BROKEN[0]}); "
-                      "using the Triton kernel", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+
+    return launch_guarded(_BROKEN, "dk/dv kernel", launch)

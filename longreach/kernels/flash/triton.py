@@ -233,8 +233,9 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, DENSE, qk_scale,
 
 @triton.jit
 def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
-               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    # delta[h, t] = sum_d out * dout: the softmax-jacobian row term of the backward
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, LSE=None, LSE2=None):
+    # delta[h, t] = sum_d out * dout: the softmax-jacobian row term of the backward. With LSE2 (the Gluon dk/dv
+    # kernel's form, same strides as DELTA and LSE): lse2 = lse * log2(e), -inf (a row that saw no key) -> +inf
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     h = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
@@ -243,6 +244,10 @@ def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, st
     o = tl.load(O + t64[:, None] * stride_ot + h * stride_oh + d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=ok[:, None], other=0.0)
     tl.store(DELTA + h * stride_dh + t64, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+    if LSE2 is not None:
+        lse = tl.load(LSE + h * stride_dh + t64, mask=ok, other=0.0)
+        tl.store(LSE2 + h * stride_dh + t64, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
+                 mask=ok)
 
 
 @triton.jit

@@ -88,9 +88,12 @@ GLUON_VARIANTS = [("dense", 128, False, 1, False, True), ("s2_pack4", 128, True,
                   ("d64_accumulate", 64, False, 1, True, True), ("noncausal_pack8", 128, False, 8, False, False)]
 
 
-# the Gluon dk/dv kernel's variants: (name, head dim, S2?, accumulate, causal)
-GLUON_BWD_VARIANTS = [("bwd_dense", 128, False, False, True), ("bwd_s2", 128, True, False, True),
-                      ("bwd_d64_accumulate", 64, False, True, True), ("bwd_noncausal", 128, False, False, False)]
+# the Gluon dk/dv kernel's variants: (name, head dim, S2?, accumulate, causal, dq added in by TMA reduce-add)
+GLUON_BWD_VARIANTS = [("bwd_dense", 128, False, False, True, False), ("bwd_s2", 128, True, False, True, False),
+                      ("bwd_d64_accumulate", 64, False, True, True, False),
+                      ("bwd_noncausal", 128, False, False, False, False), ("bwd_dq_dense", 128, False, False, True, True),
+                      ("bwd_dq_s2", 128, True, False, True, True), ("bwd_dq_d64_accumulate", 64, False, True, True, True),
+                      ("bwd_dq_chunked", 128, False, True, True, True)]  # (a long sequence's q chunk)
 
 
 def _compiled_stats(variant: str, module, launch) -> list[dict]:
@@ -131,13 +134,15 @@ def gluon_stats() -> list[dict]:
         rows += _compiled_stats(name, g, lambda: g.attention_forward_into(
             q, k, k, out, torch.zeros(hq, t), cu, cu, t, dense, spt, causal=causal, scale=d ** -0.5,
             sparse=sp is not None, pack=pack, accumulate=acc))
-    for name, d, sparse, acc, causal in GLUON_BWD_VARIANTS:
+    for name, d, sparse, acc, causal, fused_dq in GLUON_BWD_VARIANTS:
         q, k, sp, dense, spt = inputs(d, sparse)
         dk = torch.zeros(t, hkv, d, dtype=torch.float32 if acc else q.dtype)
         delta = torch.zeros(hq, t)
         rows += _compiled_stats(name, gb, lambda: gb.dkdv_into(
             q, q, k, k, delta, delta, cu, cu, t, dense, spt, dk, dk.clone(), causal=causal, scale=d ** -0.5,
-            sparse=sp is not None, accumulate=acc))
+            sparse=sp is not None, accumulate=acc,
+            dq=torch.zeros(t, hq, d, dtype=torch.float32) if fused_dq else None,
+            q_range=(256, 768) if name.endswith("chunked") else None))
     return rows
 
 

@@ -1,6 +1,6 @@
 """A/B in one process of the backward's three paths, through the public flash_attention / s2_attention: all Triton
-(Gluon dk/dv off), Gluon dk/dv + Triton dq (the hybrid), and Gluon dk/dv with dq added in by fp32 atomics (5 matmuls
-per tile pair). Then the GPU checks of check_sm90_backward (both Gluon modes against the Triton backward and fp32).
+(Gluon dk/dv off), Gluon dk/dv + Triton dq (the hybrid), and Gluon dk/dv with dq added in by fp32 TMA reduce-adds
+(5 matmuls per tile pair; MODES=atomic:P:S sets DQ_PARTS, STAGES_ATOMIC). Then the GPU checks of check_sm90_backward (both Gluon modes against the Triton backward and fp32).
 PYTHONPATH=. python bench/experiments/gluon_dkdv/ab.py  (writes $OUT/gluon_bwd_ab.json; LENS=32768,131072)"""
 import os
 import sys
@@ -11,6 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
 from harness import Rows, bench  # noqa: E402
 from longreach.kernels import flash_attention, s2_attention  # noqa: E402
+from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 from longreach.kernels.flash import triton as tk  # noqa: E402
 from longreach.launch.bench.kernels import check_sm90_backward  # noqa: E402
 
@@ -19,7 +20,18 @@ MODES = {"triton": dict(gluon_bwd=False), "hybrid": dict(gluon_bwd=True, gluon_a
          "atomic": dict(gluon_bwd=True, gluon_atomic_dq=True)}
 if not os.environ.get("SKIP_CHECK"):
     rows.rec(kind="check", all_ok=all(r.get("ok", True) for r in check_sm90_backward()))
-MODES = {m: MODES[m] for m in os.environ.get("MODES", ",".join(MODES)).split(",")}
+MODES = {m: MODES[m.split(":")[0]] for m in os.environ.get("MODES", ",".join(MODES)).split(",")}
+# "atomic:P:S": the fused dq with DQ_PARTS=P, STAGES_ATOMIC=S
+DEFAULTS = (gb.DQ_PARTS, gb.STAGES_ATOMIC)
+
+
+def variant(mode):
+    gb.DQ_PARTS, gb.STAGES_ATOMIC = DEFAULTS
+    if mode.count(":") == 2:
+        gb.DQ_PARTS, gb.STAGES_ATOMIC = (int(x) for x in mode.split(":")[1:])
+
+
+ROUNDS = int(os.environ.get("ROUNDS", "2"))
 hq, hkv, d = 32, 8, 128
 for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     q, k, v = (torch.randn(1, S, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (hq, hkv, hkv))
@@ -33,8 +45,9 @@ for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
             f().backward(do)
 
         ref = None
-        for rnd in range(2):
+        for rnd in range(ROUNDS):
             for mode, ov in MODES.items():
+                variant(mode)
                 tk.OVERRIDE.clear()
                 tk.OVERRIDE.update(ov)
                 ms_fb = bench(step, rep=300 if S < 100000 else 150)

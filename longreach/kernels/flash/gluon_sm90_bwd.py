@@ -1,5 +1,5 @@
 """Hopper (sm_90) dK/dV kernel of the attention backward in Gluon: the fast path of ``triton.attention_backward``'s
-dk/dv half on H100/H200 (dq stays the Triton dq kernel's, which already runs its 3 matmuls at ~625 TFLOP/s).
+dk/dv half on H100/H200, with dq in the same pass (``ATOMIC_DQ``, below) or by the Triton dq kernel.
 
 Same contract as the Triton dk/dv kernel (``triton.py``): packed documents, causal top-left aligned per document pair,
 GQA (the group's q heads loop inside the CTA, so each K/V tile is loaded once), the S2 block walk with dense heads,
@@ -16,9 +16,16 @@ buffers, freed when both consumers have arrived. Per step and consumer:
 
 with a turn barrier between the consumers (FlashAttention-3's scheduler barrier). H200, B1 Hq32 Hkv8 D128 causal
 bf16, delta + dk/dv: dense 32K 28.3 ms (Triton 33.5), 128K 456 ms (Triton 534); S2 32K 7.6 (Triton 8.6)
-(bench/results/gluon_dkdv_dev_h200_2026-12-02.json); the whole backward 32K 48.8 vs 54.1 ms
-(gluon_bwd_ab_h200_2026-12-02.json). ``ATOMIC_DQ`` (dq added in by fp32 register atomics, ``dkdv_into(dq=...)``)
-is correct but slower there (83 ms): off by default (``triton.GLUON_ATOMIC_DQ``).
+(bench/results/gluon_dkdv_dev_h200_2026-12-02.json).
+
+``ATOMIC_DQ`` (``dkdv_into(dq=...)``, the default where ``triton.GLUON_ATOMIC_DQ`` says): dq in the same pass, added
+into an fp32 buffer by TMA reduce-adds (5 matmuls per tile pair instead of 7). Mode 1, FlashAttention-3's split:
+both consumers' dS^T go to one double-buffered [128 keys, 64 q] shared tile (an mbarrier says both are there), and
+consumer w computes dQ's head-dim columns [w D/2, (w+1) D/2) over all 128 keys, stages them in fp32 shared memory
+and issues one reduce-add (waited, read side only, a step later). Whole backward, dense 32K 45.2 ms vs 48.9 with
+the Triton dq kernel; a long sequence runs in q chunks (``q_range``), 128K 718 vs 783
+(bench/results/gluon_bwd_sweep_*_h200_2026-12-02.json). Mode 2 (each consumer adds its own keys' share: twice the
+traffic) ran 56-59 ms; fp32 register atomics 83.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+from triton._C.libtriton import ir
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -39,32 +48,57 @@ from .triton import LOG2E, _bwd_delta
 BLOCK_N = 128  # keys per CTA (64 per consumer)
 BLOCK_M = 64  # q tokens per step
 STAGES = 4  # q/dout ring depth (2 ran the same: bench/results/gluon_dkdv_dev_h200_2026-12-02.json)
-DQ_SPLIT = 2  # dq's wgmma in column blocks of D / DQ_SPLIT (registers)
-STAGES_ATOMIC = 4  # with dq added in (dS^T buffers: 16 KB more shared memory)
+STAGES_ATOMIC = 2  # with dq added in (dS^T and dQ buffers: 64 KB more shared memory)
+DQ_PARTS = 1  # dQ's wgmmas per step and consumer (registers)
+DQ_MODE = 1  # 1: FlashAttention-3's split of dQ's columns between the consumers; 2: each adds its keys' share
 PINGPONG = 1
+DQ_OUT = 0  # 0: dq by TMA reduce-add; 1 (plain TMA store) and 2 (none): timing experiments only, dq wrong
+HEAD_INNER = 0  # the step order: q tile-major, the GROUP q heads inner (see _step)
 WAIT_DV = 0
+WAIT_DV_FUSED = 1  # with dq added in: dV waited before dS^T (spills 204 -> 108 B; 32K 45.8 vs 51.9 ms)
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 
 
+@builtin
+def _tma_reduce_add_36(tensor_desc, coord, src, _semantic=None):
+    # shared -> global TMA reduce-add (cp.reduce.async.bulk.tensor .add): Triton 3.6's Gluon has the op but not the
+    # wrapper (3.9: tma.async_atomic_add); the issuing threads' bulk group, waited on by tma.store_wait
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+_tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_36
+# the CTA (partition) barrier: gl.thread_barrier in Triton 3.6, gl.barrier in 3.9
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
 @gluon.jit
-def _step(it, n_per, lo, head_base, BLOCK_M: gl.constexpr):
-    # flat step -> (q head, first token of its q tile in the document)
-    g = it // gl.maximum(n_per, 1)
-    return head_base + g, lo + (it - g * n_per) * BLOCK_M
+def _step(it, n_per, lo, head_base, GROUP: gl.constexpr, HEAD_INNER: gl.constexpr, BLOCK_M: gl.constexpr):
+    # flat step -> (q head, first token of its q tile in the document). HEAD_INNER: the group's heads innermost, so
+    # the CTAs running side by side sweep the same q tiles (causal: a later KV tile starts later and further on at
+    # the same rate): their q/dout loads and dq reduce-adds share L2 lines
+    if HEAD_INNER:
+        g = it % GROUP
+        t = it // GROUP
+    else:
+        g = it // gl.maximum(n_per, 1)
+        t = it - g * n_per
+    return head_base + g, lo + t * BLOCK_M
 
 
 @gluon.jit
 def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
             n_total, n_per, lo, q_start, head_base, k_row, hkv,
-            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+            HEAD_INNER: gl.constexpr):
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, [k_row, hkv * HEAD_DIM], kv_bar, k_smem)
     _tma_load(v_desc, [k_row, hkv * HEAD_DIM], kv_bar, v_smem)
     for it in range(n_total):
         st = it % STAGES
         mbarrier.wait(q_empty.index(st), ((it // STAGES) & 1) ^ 1)
-        head, start = _step(it, n_per, lo, head_base, BLOCK_M)
+        head, start = _step(it, n_per, lo, head_base, GROUP, HEAD_INNER, BLOCK_M)
         bar = q_ready.index(st)
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [q_start + start, head * HEAD_DIM], bar, q_bufs.index(st))
@@ -72,12 +106,13 @@ def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv
 
 
 @gluon.jit
-def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, kv_bar, q_ready, q_empty, turn,
-              LSE2, DELTA, DK, DV, DQ, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-              stride_dqt, stride_dqh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0, head_base, hkv,
+def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
+              ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh,
+              stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0, head_base, hkv,
               CAUSAL: gl.constexpr, ACC: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-              DQ_SPLIT: gl.constexpr):
+              DQ_PARTS: gl.constexpr, GROUP: gl.constexpr, HEAD_INNER: gl.constexpr,
+              DQ_OUT: gl.constexpr):
     ROWS: gl.constexpr = 64  # keys of this consumer
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     kv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -100,7 +135,7 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, kv_bar,
     mbarrier.wait(kv_bar, 0)
     for it in range(n_total):
         st = it % STAGES
-        head, start = _step(it, n_per, lo, head_base, BLOCK_M)
+        head, start = _step(it, n_per, lo, head_base, GROUP, HEAD_INNER, BLOCK_M)
         tok_b = start + offs_b
         ok_b = tok_b < q_len
         mbarrier.wait(q_ready.index(st), (it // STAGES) & 1)
@@ -133,28 +168,67 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, kv_bar,
         else:
             dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
         dsT = (pT * (dpT - gl.expand_dims(gl.convert_layout(delta_b, col_l), 0))).to(dtype)
-        if ATOMIC_DQ:  # dS^T through shared memory: dK += dS^T Q and this tile's dQ = dS K_w, added into fp32 DQ
-            ds_w = ds_smem.index(w)
+        if ATOMIC_DQ == 1:  # dS^T through shared memory; this tile's dQ added into the fp32 DQ by TMA reduce-adds
+            # both consumers' dS^T make one [128 keys, 64 q] buffer (double-buffered): consumer w takes dQ's head-dim
+            # columns [w D/2, (w+1) D/2) over all 128 keys (FlashAttention-3's split: each dQ element added once)
+            ds_buf = ds_smem.index(it % 2)
+            ds_w = ds_buf.slice(w * ROWS, ROWS, dim=0)
             ds_w.store(dsT)
             fence_async_shared()
+            _barrier()  # all 128 threads' stores fenced before the one-thread arrive
+            mbarrier.arrive(ds_ready.index(it % 2))
             dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
-            # dQ in DQ_SPLIT column blocks of the head dim (accumulator registers: 64 / DQ_SPLIT per thread)
-            DQ_D: gl.constexpr = HEAD_DIM // DQ_SPLIT
+            mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
+            # dQ's D/2 columns in DQ_PARTS wgmmas (accumulator registers: 32 / DQ_PARTS per thread), each part to
+            # its own fp32 buffer and out by one TMA reduce-add while the next part runs
+            DQ_C: gl.constexpr = HEAD_DIM // 2 // DQ_PARTS
             dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, DQ_D, 16])
-            qr = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_l))
-            qd = gl.arange(0, DQ_D, layout=gl.SliceLayout(0, dq_l))
-            dq_row = gl.expand_dims((q_start + qr).to(gl.int64) * stride_dqt + head * stride_dqh, 1)
-            for c in gl.static_range(DQ_SPLIT):
-                dq = warpgroup_mma(ds_w.permute((1, 0)), k_w.slice(c * DQ_D, DQ_D, dim=1),
-                                   gl.zeros([BLOCK_M, DQ_D], gl.float32, dq_l), use_acc=False, is_async=True)
-                if c == DQ_SPLIT - 1:
+                                                           instr_shape=[16, DQ_C, 16])
+            tma.store_wait(0)  # the previous step's reduces have read this consumer's dQ buffers
+            _barrier()
+            for c in gl.static_range(DQ_PARTS):
+                dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem.slice(w * (HEAD_DIM // 2) + c * DQ_C, DQ_C, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
+                if c == 0:
                     dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
                     mbarrier.arrive(q_empty.index(st))
                 else:
                     dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
-                gl.atomic_add(DQ + dq_row + gl.expand_dims(c * DQ_D + qd, 0), dq * sm_scale,
-                              mask=gl.expand_dims(qr < q_len, 1), sem="relaxed")
+                dq_c = dq_smem.index(w * DQ_PARTS + c)
+                dq_c.store(dq * sm_scale)
+                fence_async_shared()
+                _barrier()
+                if DQ_OUT == 0:
+                    _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + w * (HEAD_DIM // 2) + c * DQ_C],
+                                    dq_c)
+                elif DQ_OUT == 1:  # (timing experiments only: a plain store, wrong dq)
+                    tma.async_copy_shared_to_global(dq_desc, [q_start + start, head * HEAD_DIM + w * (HEAD_DIM // 2) +
+                                                              c * DQ_C], dq_c)
+        elif ATOMIC_DQ == 2:  # each consumer adds its own 64 keys' share of dQ (all D columns): no consumer sync,
+            # twice the reduce-add traffic; dQ in DQ_PARTS column blocks through two alternating fp32 buffers
+            ds_w = ds_smem.index(w)
+            ds_w.store(dsT)
+            fence_async_shared()
+            _barrier()
+            dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
+            DQ_C: gl.constexpr = HEAD_DIM // DQ_PARTS
+            dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DQ_C, 16])
+            for c in gl.static_range(DQ_PARTS):
+                dq = warpgroup_mma(ds_w.permute((1, 0)), k_w.slice(c * DQ_C, DQ_C, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
+                if c == 0:
+                    dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+                    mbarrier.arrive(q_empty.index(st))
+                else:
+                    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+                dq_c = dq_smem.index(w * 2 + c % 2)
+                tma.store_wait(1)  # the reduce two parts ago (this buffer's) has read it
+                _barrier()
+                dq_c.store(dq * sm_scale)
+                fence_async_shared()
+                _barrier()
+                _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + c * DQ_C], dq_c)
         else:
             dk = warpgroup_mma(gl.convert_layout(dsT, a_l), q_s, dk, is_async=True)
             dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
@@ -176,13 +250,14 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, kv_bar,
 
 
 @gluon.jit
-def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K, DENSE,
-                    qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt,
-                    stride_dqh, sp_block, sp_window, sp_sink, sp_stride, N_KV,
+def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, DV, CU_Q, CU_K, DENSE,
+                    qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, sp_block, sp_window,
+                    sp_sink, sp_stride, N_KV, q_lo, q_lim, k_skip,
                     GROUP: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, ACC: gl.constexpr,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                    WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_SPLIT: gl.constexpr):
+                    WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_PARTS: gl.constexpr,
+                    HEAD_INNER: gl.constexpr, DQ_OUT: gl.constexpr, CHUNK: gl.constexpr):
     # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
     pid = gl.program_id(0)
     doc = gl.program_id(1)
@@ -193,14 +268,28 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DK, DV, DQ, CU
     k_start = gl.load(CU_K + doc)
     k_len = gl.load(CU_K + doc + 1) - k_start
     j0 = pid_n * BLOCK_N
-    if j0 < k_len:
+    # q_lo/q_lim: the q rows (in each document) of this launch, a chunk of a long sequence; k_skip: KV tiles from
+    # there on see none of them (causal, dk/dv added in: nothing to do)
+    if (j0 < k_len) & ((not CHUNK) | (j0 < k_skip)):
         dtype: gl.constexpr = k_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
         do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-        # dS^T of each consumer ([64 keys, 64 q], rows of 128 bytes: q_desc's swizzle fits) when dq is added here
-        ds_smem = gl.allocate_shared_memory(dtype, [2 if ATOMIC_DQ else 1, BLOCK_M, BLOCK_M], q_desc.layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        if ATOMIC_DQ == 1:  # dS^T of both consumers, double-buffered ([128 keys, 64 q]: rows of 128 bytes, q's
+            # swizzle fits), and each consumer's fp32 dQ parts on their way to the TMA reduce-add
+            ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], q_desc.layout)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_PARTS, BLOCK_M, HEAD_DIM // 2 // DQ_PARTS],
+                                                dq_desc.layout)
+            mbarrier.init(ds_ready.index(0), count=2)
+            mbarrier.init(ds_ready.index(1), count=2)
+        elif ATOMIC_DQ == 2:  # each consumer's dS^T [64 keys, 64 q] and two dQ part buffers
+            ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_M], q_desc.layout)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M, HEAD_DIM // DQ_PARTS], dq_desc.layout)
+        else:
+            ds_smem = ds_ready
+            dq_smem = ds_ready
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -224,20 +313,26 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DK, DV, DQ, CU
             lo = j0
         else:
             lo = j0 * 0
+        if CHUNK:
+            q_hi = gl.minimum(q_hi, q_lim)
+            lo = gl.maximum(lo, q_lo)
         n_per = gl.cdiv(gl.maximum(q_hi - lo, 0), BLOCK_M)
         n_total = n_per * GROUP
         head_base = hkv * GROUP
         gl.warp_specialize([
-            (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, kv_bar, q_ready, q_empty, turn, LSE2, DELTA,
-                         DK, DV, DQ, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                         stride_dqt, stride_dqh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0, head_base,
-                         hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ, DQ_SPLIT)),
-            (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, kv_bar, q_ready, q_empty, turn, LSE2, DELTA,
-                         DK, DV, DQ, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                         stride_dqt, stride_dqh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0, head_base,
-                         hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ, DQ_SPLIT)),
+            (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
+                         ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
+                         stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
+                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
+                         DQ_PARTS, GROUP, HEAD_INNER, DQ_OUT)),
+            (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
+                         ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
+                         stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
+                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
+                         DQ_PARTS, GROUP, HEAD_INNER, DQ_OUT)),
             (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
-                       n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES)),
+                       n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES, GROUP,
+                       HEAD_INNER)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -266,35 +361,56 @@ def prep(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.
     return delta, lse2
 
 
+def dq_buffer_ok(dq: torch.Tensor) -> bool:
+    """Whether ``dkdv_into`` can add dq into this buffer by TMA: fp32, heads adjacent, 16-byte-aligned rows."""
+    return dq.dtype == torch.float32 and _flat(dq) is not None and dq.stride(0) % 4 == 0 and \
+        dq.data_ptr() % 16 == 0
+
+
 def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor,
               lse2: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_k: int, dense: torch.Tensor, sp: tuple,
               dk: torch.Tensor, dv: torch.Tensor, *, causal: bool, scale: float, sparse: bool,
-              accumulate: bool, dq: Optional[torch.Tensor] = None) -> bool:
+              accumulate: bool, dq: Optional[torch.Tensor] = None, q_range: Optional[tuple[int, int]] = None) -> bool:
     """dK, dV of ``triton.attention_backward`` into its ``dk``/``dv`` (added in when ``accumulate``); ``delta``/
     ``lse2`` from ``prep``, ``dense``/``sp`` = (block, window, sink, stride) as the Triton driver builds them. False
     when the launch failed: the caller then runs the Triton kernel, and this path stays off with a warning.
-    ``dq``: an fp32 [Tq, Hq, D] buffer (last dim contiguous) that each tile's share of dq is added into by atomics
-    (5 matmuls per tile pair; without it dq is the Triton dq kernel's, 3 more)."""
+    ``dq``: an fp32 [Tq, Hq, D] buffer (``dq_buffer_ok``) that each tile's share of dq is added into by TMA
+    reduce-adds (5 matmuls per tile pair; without it dq is the Triton dq kernel's, 3 more). ``q_range`` = (lo, hi):
+    only the q rows [lo, hi) of each document (multiples of 128; with ``accumulate``): a long sequence's chunks, so
+    that the CTAs running together add into the same dq rows (L2)."""
     tq, hq, d = q.shape
     atomic = dq is not None
-    dq_ = dq if atomic else dk
+    if atomic and not dq_buffer_ok(dq):
+        raise ValueError("dq: the buffer dq is added into must be fp32 [Tq, Hq, D] with adjacent heads and a "
+                         "16-byte-aligned token stride (see dq_buffer_ok)")
+    dq_flat = _flat(dq) if atomic else None
     hkv = k.shape[1]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     lay_q = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdt)
     lay_k = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
-    grid = (triton.cdiv(max(max_k, 1), BLOCK_N) * hkv, cu_q.numel() - 1)
+    mode = DQ_MODE if atomic else 0
+    dq_cols = d // DQ_PARTS // (2 if mode == 1 else 1)
+    lay_dq = gl.NVMMASharedLayout.get_default_for([BLOCK_M, dq_cols], gl.float32)
+    q_lo, q_lim = q_range or (0, 2 ** 31 - 1)
+    if q_range is not None and (q_lo % BLOCK_N or (q_lim < max_k and q_lim % BLOCK_N) or not accumulate):
+        raise ValueError(f"q_range {q_range}: multiples of {BLOCK_N}, and only with accumulate (dk/dv added in)")
+    k_skip = q_lim if causal and q_range is not None else 2 ** 31 - 1
+    grid = (triton.cdiv(max(min(max_k, k_skip), 1), BLOCK_N) * hkv, cu_q.numel() - 1)
 
     def launch():
         q_desc = TensorDescriptor.from_tensor(_flat(q), [BLOCK_M, d], lay_q)
         do_desc = TensorDescriptor.from_tensor(_flat(do), [BLOCK_M, d], lay_q)
         k_desc = TensorDescriptor.from_tensor(_flat(k), [BLOCK_N, d], lay_k)
         v_desc = TensorDescriptor.from_tensor(_flat(v), [BLOCK_N, d], lay_k)
-        _attn_dkdv_sm90[grid](q_desc, k_desc, v_desc, do_desc, lse2, delta, dk, dv, dq_, cu_q, cu_k, dense,
+        dq_desc = TensorDescriptor.from_tensor(dq_flat, [BLOCK_M, dq_cols], lay_dq) if atomic else k_desc
+        _attn_dkdv_sm90[grid](q_desc, k_desc, v_desc, do_desc, dq_desc, lse2, delta, dk, dv, cu_q, cu_k, dense,
                               scale * LOG2E, scale, lse2.stride(0), dk.stride(0), dk.stride(1), dv.stride(0),
-                              dv.stride(1), dq_.stride(0), dq_.stride(1), *sp, hkv, GROUP=hq // hkv, CAUSAL=causal,
+                              dv.stride(1), *sp, hkv, q_lo, q_lim, k_skip, GROUP=hq // hkv, CAUSAL=causal,
                               SPARSE=sparse, ACC=accumulate, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                               STAGES=STAGES_ATOMIC if atomic else STAGES, PINGPONG=PINGPONG,
-                              CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, WAIT_DV=WAIT_DV,
-                              ATOMIC_DQ=atomic, DQ_SPLIT=DQ_SPLIT if atomic else 1, num_warps=4)
+                              CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
+                              WAIT_DV=WAIT_DV_FUSED if atomic else WAIT_DV,
+                              ATOMIC_DQ=mode, DQ_PARTS=DQ_PARTS, HEAD_INNER=HEAD_INNER, DQ_OUT=DQ_OUT,
+                              CHUNK=q_range is not None, num_warps=4)
 
     return launch_guarded(_BROKEN, "dk/dv kernel", launch)

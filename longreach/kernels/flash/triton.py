@@ -605,10 +605,17 @@ GLUON_FWD = True
 # 28.3 vs 33.5 ms, 128K 456 vs 534, S2 32K 7.6 vs 8.6 on the H200); dq stays this module's kernel. Backward: dense
 # 32K 48.8 vs 54.1 ms, 128K 779 vs 862 (bench/results/gluon_bwd_ab_h200_2026-12-02.json)
 GLUON_BWD = True
-# dq added into an fp32 buffer by the Gluon dk/dv kernel's register atomics (5 matmuls per tile pair, not 7): correct
-# but slower (dense 32K backward 83 vs 49 ms: the 64x128 fp32 atomics per step saturate), off; a TMA reduce-add
-# (Gluon's tma.async_atomic_add, Triton >= 3.9) is the way to try it again
-GLUON_ATOMIC_DQ = False
+# dq added into an fp32 buffer by the Gluon dk/dv kernel through TMA reduce-adds (5 matmuls per tile pair, not 7;
+# FlashAttention-3's split of dq's columns between the two consumers). H200 backward, dense: 8K 3.02 vs 3.21 ms
+# (Gluon dk/dv + Triton dq), 32K 45.2 vs 48.9; one launch over 128K 943 vs 787: the reduce-adds miss L2 (with a plain
+# dq store 850, without dq 655; bench/results/gluon_bwd_sweep_dqout_h200_2026-12-02.json). So a sequence whose fp32
+# dq exceeds FUSED_DQ_MAX_BYTES runs its q rows in chunks of that size, one launch each, dk/dv summed in fp32: the
+# CTAs of a launch sweep the same q rows together (128K 718 vs 783 ms; 2^28 B 715, 2^30 831;
+# gluon_bwd_sweep_chunk_h200_2026-12-02.json). S2 gains nothing there (128K 143 vs 134): long S2 keeps the Triton dq.
+# OVERRIDE["gluon_atomic_dq"] True/False forces the fused dq on/off. (Register atomics instead: 83 ms at 32K.)
+GLUON_ATOMIC_DQ = True
+FUSED_DQ_MAX_BYTES = 1 << 29  # 32K tokens x 32 heads x D 128
+FUSED_DQ_CHUNKS = True  # longer (dense): q chunks as above; False: the Triton dq kernel
 # the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
 OVERRIDE: dict = {}
 # fp32 operands (tf32 dots; the ring's checks) and GPUs without the shared memory for the tuned tiles
@@ -821,16 +828,33 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if gb is not None:  # delta (+ lse2) and dk/dv by the Gluon kernels, once, outside go() (accumulate mode)
         delta, lse2 = gb.prep(do_in, out, lse)
         g_dq = None
-        if OVERRIDE.get("gluon_atomic_dq", GLUON_ATOMIC_DQ):  # dq added in by the dk/dv kernel (fp32 atomics)
-            g_dq = dq if dq.dtype == torch.float32 else torch.zeros((tq, hq, d), dtype=torch.float32,
-                                                                    device=q.device)
+        # q rows per launch: all, or (long sequences) chunks whose fp32 dq fits FUSED_DQ_MAX_BYTES
+        chunk = max(128, FUSED_DQ_MAX_BYTES // (hq * d * 4) // 128 * 128)
+        long = max_q > chunk
+        fused = OVERRIDE.get("gluon_atomic_dq", GLUON_ATOMIC_DQ and (not long or (FUSED_DQ_CHUNKS and not is_sparse)))
+        chunks = [(lo, lo + chunk) for lo in range(0, max_q, chunk)] if fused and long else [None]
+        kdk, kdv, accumulate_k = dk, dv, acc is not None
+        if fused:  # dq added in by the dk/dv kernel (TMA reduce-adds)
+            g_dq = dq if gb.dq_buffer_ok(dq) else torch.zeros((tq, hq, d), dtype=torch.float32, device=q.device)
             if acc is None and g_dq is dq:
                 g_dq.zero_()
-        gluon_dkdv = gb.dkdv_into(do, q, k, v, delta, lse2, cu_q, cu_k, max_k, dense, (spb, spw, sps, spst), dk, dv,
-                                  causal=causal, scale=scale, sparse=is_sparse, accumulate=acc is not None, dq=g_dq)
+            if len(chunks) > 1 and acc is None:  # dk/dv summed over the chunks in fp32
+                kdk, kdv, accumulate_k = torch.zeros(dk.shape, dtype=torch.float32, device=q.device), \
+                    torch.zeros(dv.shape, dtype=torch.float32, device=q.device), True
+        for i, q_range in enumerate(chunks):
+            gluon_dkdv = gb.dkdv_into(do, q, k, v, delta, lse2, cu_q, cu_k, max_k, dense, (spb, spw, sps, spst), kdk,
+                                      kdv, causal=causal, scale=scale, sparse=is_sparse, accumulate=accumulate_k,
+                                      dq=g_dq, q_range=q_range)
+            if not gluon_dkdv:  # a launch error (the first launch: nothing added; the Triton kernels below)
+                if i:
+                    raise RuntimeError("the Gluon dk/dv kernel failed to launch after its first chunk")
+                break
         if gluon_dkdv and g_dq is not None:
             if g_dq is not dq:
-                dq.copy_(g_dq)
+                dq.add_(g_dq) if acc is not None else dq.copy_(g_dq)
+            if kdk is not dk:
+                dk.copy_(kdk)
+                dv.copy_(kdv)
             return dq, dk, dv
     else:
         # lse's strides (the kernels index delta with lse's head stride, also when lse is a view)

@@ -268,14 +268,19 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     rows = []
 
-    def bwd(gluon, *a, **kw):  # gluon: False (all Triton), True (Gluon dk/dv + Triton dq), "atomic" (dq in dk/dv)
+    def bwd(gluon, *a, **kw):  # gluon: False (all Triton), True (Gluon dk/dv + Triton dq), "atomic" (dq in dk/dv),
+        # "chunked" (dq in dk/dv, the q rows in chunks of 256 as for a long sequence)
         tk.OVERRIDE["gluon_bwd"] = bool(gluon)
-        tk.OVERRIDE["gluon_atomic_dq"] = gluon == "atomic"
+        tk.OVERRIDE["gluon_atomic_dq"] = gluon in ("atomic", "chunked")
+        max_bytes = tk.FUSED_DQ_MAX_BYTES
+        if gluon == "chunked":
+            tk.FUSED_DQ_MAX_BYTES = 256 * a[1].shape[1] * a[1].shape[2] * 4
         try:
             return tk.attention_backward(*a, **kw)
         finally:
             tk.OVERRIDE.pop("gluon_bwd", None)
             tk.OVERRIDE.pop("gluon_atomic_dq", None)
+            tk.FUSED_DQ_MAX_BYTES = max_bytes
 
     cases = [  # name, q doc lengths, k doc lengths, hq, hkv, d, dtype, causal, S2 pattern, grad dtype
         ("dense", [1000], None, 32, 8, 128, torch.bfloat16, True, None, None),
@@ -307,9 +312,9 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
         allowed = (lambda doc, sq, sk, pat=pat, hkv=hkv: pat.token_mask(sq, hkv, device=device)) if pat else None
         ro, _ = ref.attention_reference(qf, kf, vf, cu_q, cu_k, causal=causal, scale=sc, allowed=allowed)
         ro.backward(do.float())
-        for mode in (True, "atomic"):
+        for mode in (True, "atomic", "chunked"):
             gg = bwd(mode, do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), **kw)
-            r = {"case": f"sm90_bwd_{name}" + ("_atomic_dq" if mode == "atomic" else ""),
+            r = {"case": f"sm90_bwd_{name}" + {True: "", "atomic": "_atomic_dq", "chunked": "_chunked_dq"}[mode],
                  "gluon_skipped": g.why_not(q, k, v, do, lse, sp)}
             for n_, a, b, ref_ in zip(("dq", "dk", "dv"), gg, tg, (qf.grad, kf.grad, vf.grad)):
                 r[n_], r[f"{n_}_triton"], r[f"{n_}_vs_triton"] = rel(a, ref_), rel(b, ref_), rel(a, b)
@@ -329,7 +334,7 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
     do = torch.randn_like(q)
     o2, l2 = out[h:], lse[:, h:]
     res = {}
-    for gluon in (True, "atomic", False):
+    for gluon in (True, "atomic", "chunked", False):
         dq = torch.zeros(s - h, hq, d, device=device)
         dk, dv = torch.zeros(s, hkv, d, device=device), torch.zeros(s, hkv, d, device=device)
         bwd(gluon, do[h:], q[h:], k[h:], v[h:], o2, l2, cu_h, cu_h, s - h, s - h, causal=True, scale=d ** -0.5,
@@ -340,8 +345,8 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
     qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
     ro, _ = ref.attention_reference(qf, kf, vf, cu, cu, causal=True, scale=d ** -0.5)
     (ro[h:] * do[h:].float()).sum().backward()
-    for mode in (True, "atomic"):
-        r = {"case": "sm90_bwd_ring_accumulate" + ("_atomic_dq" if mode == "atomic" else "")}
+    for mode in (True, "atomic", "chunked"):
+        r = {"case": "sm90_bwd_ring_accumulate" + {True: "", "atomic": "_atomic_dq", "chunked": "_chunked_dq"}[mode]}
         for i, (n_, ref_) in enumerate(zip(("dq", "dk", "dv"), (qf.grad[h:], kf.grad, vf.grad))):
             r[n_], r[f"{n_}_triton"] = rel(res[mode][i], ref_), rel(res[False][i], ref_)
         r["ok"] = all(r[n_] <= 2 * r[f"{n_}_triton"] + 1e-3 for n_ in ("dq", "dk", "dv"))

@@ -1,6 +1,6 @@
 """A/B in one process of the backward's three paths, through the public flash_attention / s2_attention: all Triton
 (Gluon dk/dv off), Gluon dk/dv + Triton dq (the hybrid), and Gluon dk/dv with dq added in by fp32 TMA reduce-adds
-(5 matmuls per tile pair; MODES=atomic:P:S sets DQ_PARTS, STAGES_ATOMIC). Then the GPU checks of check_sm90_backward (both Gluon modes against the Triton backward and fp32).
+(5 matmuls per tile pair; MODES=atomic:S sets STAGES_ATOMIC). Then the GPU checks of check_sm90_backward (both Gluon modes against the Triton backward and fp32).
 PYTHONPATH=. python bench/experiments/gluon_dkdv/ab.py  (writes $OUT/gluon_bwd_ab.json; LENS=32768,131072)"""
 import os
 import sys
@@ -21,14 +21,13 @@ MODES = {"triton": dict(gluon_bwd=False), "hybrid": dict(gluon_bwd=True, gluon_a
 if not os.environ.get("SKIP_CHECK"):
     rows.rec(kind="check", all_ok=all(r.get("ok", True) for r in check_sm90_backward()))
 MODES = {m: MODES[m.split(":")[0]] for m in os.environ.get("MODES", ",".join(MODES)).split(",")}
-# "atomic:P:S": the fused dq with DQ_PARTS=P, STAGES_ATOMIC=S
-DEFAULTS = (gb.DQ_PARTS, gb.STAGES_ATOMIC)
+# "atomic:S": the fused dq with STAGES_ATOMIC=S (the results of 2026-12-02 name atomic:P:S, P a since removed
+# DQ_PARTS: 1 is today's kernel)
+DEFAULT_STAGES = gb.STAGES_ATOMIC
 
 
 def variant(mode):
-    gb.DQ_PARTS, gb.STAGES_ATOMIC = DEFAULTS
-    if mode.count(":") == 2:
-        gb.DQ_PARTS, gb.STAGES_ATOMIC = (int(x) for x in mode.split(":")[1:])
+    gb.STAGES_ATOMIC = int(mode.split(":")[1]) if ":" in mode else DEFAULT_STAGES
 
 
 ROUNDS = int(os.environ.get("ROUNDS", "2"))

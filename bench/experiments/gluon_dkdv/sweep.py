@@ -1,6 +1,8 @@
 """Sweep of the Gluon backward's constants on the backward alone through tk.attention_backward, in one process.
-A variant is MODE:PARTS:STAGES:PINGPONG:WAIT_DV:HEAD_INNER: MODE 0 is the hybrid (Gluon dk/dv + Triton dq), 1 and 2
-the fused dq (gluon_sm90_bwd.DQ_MODE) with DQ_PARTS, STAGES_ATOMIC; then PINGPONG, WAIT_DV, HEAD_INNER[, DQ_OUT[, log2 FUSED_DQ_MAX_BYTES]].
+A variant is MODE:STAGES:PINGPONG:WAIT_DV[:LOG2_BYTES]: MODE 0 is the hybrid (Gluon dk/dv + Triton dq), 1 the fused dq
+(STAGES: gluon_sm90_bwd.STAGES_ATOMIC), LOG2_BYTES that of triton.FUSED_DQ_MAX_BYTES (the q chunk; 40: no chunks).
+The results of 2026-12-02 were taken with knobs since removed from the kernel (variants MODE:PARTS:STAGES:PINGPONG:
+WAIT_DV:HEAD_INNER:DQ_OUT:LOG2_BYTES; bench/experiments/gluon_dkdv/README.md has what each lost).
 PYTHONPATH=. python bench/experiments/gluon_dkdv/sweep.py  (VARIANTS=..., LENS, S2=0,1; $OUT/gluon_bwd_sweep.json)"""
 import os
 import sys
@@ -16,23 +18,22 @@ from longreach.kernels.s2 import S2Pattern  # noqa: E402
 from longreach.kernels.s2.triton import sparse_args  # noqa: E402
 
 rows = Rows(os.environ.get("NAME", "gluon_bwd_sweep"))
-NAMES = ("DQ_MODE", "DQ_PARTS", "STAGES_ATOMIC", "PINGPONG", "WAIT_DV", "HEAD_INNER", "DQ_OUT")
+NAMES = ("STAGES_ATOMIC", "PINGPONG", "WAIT_DV")
 DEFAULTS = tuple(getattr(gb, n) for n in NAMES)
 WDF = gb.WAIT_DV_FUSED
 CHUNK_BYTES = tk.FUSED_DQ_MAX_BYTES
 hq, hkv, d = 32, 8, 128
-VARIANTS = os.environ.get("VARIANTS", "0:1:2:1:0:0,0:1:2:1:0:1,1:1:2:1:1:0,1:1:2:1:1:1").split(",")
+VARIANTS = os.environ.get("VARIANTS", "0:2:1:0,1:2:1:1,1:2:0:1").split(",")
 
 
 def setv(var):
     vals = [int(x) for x in var.split(":")]
     for n, x in zip(NAMES, DEFAULTS):
         setattr(gb, n, x)
-    for n, x in zip(NAMES, vals):
-        setattr(gb, n, x if n != "DQ_MODE" or x else 1)
-    gb.WAIT_DV_FUSED = gb.WAIT_DV  # WAIT_DV is the fused one's in MODE 1/2
-    # an 8th field: log2 of triton.FUSED_DQ_MAX_BYTES (the q chunk of long sequences; 40: no chunks)
-    tk.FUSED_DQ_MAX_BYTES = 1 << vals[7] if len(vals) > 7 else CHUNK_BYTES
+    for n, x in zip(NAMES, vals[1:]):
+        setattr(gb, n, x)
+    gb.WAIT_DV_FUSED = gb.WAIT_DV  # WAIT_DV is the fused one's in MODE 1
+    tk.FUSED_DQ_MAX_BYTES = 1 << vals[4] if len(vals) > 4 else CHUNK_BYTES
     tk.OVERRIDE.clear()
     tk.OVERRIDE.update(gluon_bwd=True, gluon_atomic_dq=vals[0] != 0)
 

@@ -24,8 +24,8 @@ both consumers' dS^T go to one double-buffered [128 keys, 64 q] shared tile (an 
 consumer w computes dQ's head-dim columns [w D/2, (w+1) D/2) over all 128 keys, stages them in fp32 shared memory
 and issues one reduce-add (waited, read side only, a step later). Whole backward, dense 32K 45.2 ms vs 48.9 with
 the Triton dq kernel; a long sequence runs in q chunks (``q_range``), 128K 718 vs 783
-(bench/results/gluon_bwd_sweep_*_h200_2026-12-02.json). Mode 2 (each consumer adds its own keys' share: twice the
-traffic) ran 56-59 ms; fp32 register atomics 83.
+(bench/results/gluon_bwd_sweep_*_h200_2026-12-02.json). Each consumer adding its own keys' share instead (twice
+the traffic) ran 56-59 ms, dQ in two wgmmas 56, fp32 register atomics 83.
 """
 
 from __future__ import annotations
@@ -49,11 +49,7 @@ BLOCK_N = 128  # keys per CTA (64 per consumer)
 BLOCK_M = 64  # q tokens per step
 STAGES = 4  # q/dout ring depth (2 ran the same: bench/results/gluon_dkdv_dev_h200_2026-12-02.json)
 STAGES_ATOMIC = 2  # with dq added in (dS^T and dQ buffers: 64 KB more shared memory)
-DQ_PARTS = 1  # dQ's wgmmas per step and consumer (registers)
-DQ_MODE = 1  # 1: FlashAttention-3's split of dQ's columns between the consumers; 2: each adds its keys' share
 PINGPONG = 1
-DQ_OUT = 0  # 0: dq by TMA reduce-add; 1 (plain TMA store) and 2 (none): timing experiments only, dq wrong
-HEAD_INNER = 0  # the step order: q tile-major, the GROUP q heads inner (see _step)
 WAIT_DV = 0
 WAIT_DV_FUSED = 1  # with dq added in: dV waited before dS^T (spills 204 -> 108 B; 32K 45.8 vs 51.9 ms)
 CONSUMER_REGS = 240
@@ -74,31 +70,23 @@ _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
-def _step(it, n_per, lo, head_base, GROUP: gl.constexpr, HEAD_INNER: gl.constexpr, BLOCK_M: gl.constexpr):
-    # flat step -> (q head, first token of its q tile in the document). HEAD_INNER: the group's heads innermost, so
-    # the CTAs running side by side sweep the same q tiles (causal: a later KV tile starts later and further on at
-    # the same rate): their q/dout loads and dq reduce-adds share L2 lines
-    if HEAD_INNER:
-        g = it % GROUP
-        t = it // GROUP
-    else:
-        g = it // gl.maximum(n_per, 1)
-        t = it - g * n_per
-    return head_base + g, lo + t * BLOCK_M
+def _step(it, n_per, lo, head_base, BLOCK_M: gl.constexpr):
+    # flat step -> (q head, first token of its q tile in the document)
+    g = it // gl.maximum(n_per, 1)
+    return head_base + g, lo + (it - g * n_per) * BLOCK_M
 
 
 @gluon.jit
 def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
             n_total, n_per, lo, q_start, head_base, k_row, hkv,
-            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-            HEAD_INNER: gl.constexpr):
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, [k_row, hkv * HEAD_DIM], kv_bar, k_smem)
     _tma_load(v_desc, [k_row, hkv * HEAD_DIM], kv_bar, v_smem)
     for it in range(n_total):
         st = it % STAGES
         mbarrier.wait(q_empty.index(st), ((it // STAGES) & 1) ^ 1)
-        head, start = _step(it, n_per, lo, head_base, GROUP, HEAD_INNER, BLOCK_M)
+        head, start = _step(it, n_per, lo, head_base, BLOCK_M)
         bar = q_ready.index(st)
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [q_start + start, head * HEAD_DIM], bar, q_bufs.index(st))
@@ -110,9 +98,7 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
               ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh,
               stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0, head_base, hkv,
               CAUSAL: gl.constexpr, ACC: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-              STAGES: gl.constexpr, PINGPONG: gl.constexpr, WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-              DQ_PARTS: gl.constexpr, GROUP: gl.constexpr, HEAD_INNER: gl.constexpr,
-              DQ_OUT: gl.constexpr):
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr, WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr):
     ROWS: gl.constexpr = 64  # keys of this consumer
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     kv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -135,7 +121,7 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
     mbarrier.wait(kv_bar, 0)
     for it in range(n_total):
         st = it % STAGES
-        head, start = _step(it, n_per, lo, head_base, GROUP, HEAD_INNER, BLOCK_M)
+        head, start = _step(it, n_per, lo, head_base, BLOCK_M)
         tok_b = start + offs_b
         ok_b = tok_b < q_len
         mbarrier.wait(q_ready.index(st), (it // STAGES) & 1)
@@ -168,7 +154,7 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
         else:
             dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
         dsT = (pT * (dpT - gl.expand_dims(gl.convert_layout(delta_b, col_l), 0))).to(dtype)
-        if ATOMIC_DQ == 1:  # dS^T through shared memory; this tile's dQ added into the fp32 DQ by TMA reduce-adds
+        if ATOMIC_DQ:  # dS^T through shared memory; this tile's dQ added into the fp32 DQ by a TMA reduce-add
             # both consumers' dS^T make one [128 keys, 64 q] buffer (double-buffered): consumer w takes dQ's head-dim
             # columns [w D/2, (w+1) D/2) over all 128 keys (FlashAttention-3's split: each dQ element added once)
             ds_buf = ds_smem.index(it % 2)
@@ -179,56 +165,20 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
             mbarrier.arrive(ds_ready.index(it % 2))
             dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
             mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
-            # dQ's D/2 columns in DQ_PARTS wgmmas (accumulator registers: 32 / DQ_PARTS per thread), each part to
-            # its own fp32 buffer and out by one TMA reduce-add while the next part runs
-            DQ_C: gl.constexpr = HEAD_DIM // 2 // DQ_PARTS
+            DQ_C: gl.constexpr = HEAD_DIM // 2
             dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, DQ_C, 16])
-            tma.store_wait(0)  # the previous step's reduces have read this consumer's dQ buffers
+            tma.store_wait(0)  # the previous step's reduce-add has read this consumer's fp32 dQ buffer
             _barrier()
-            for c in gl.static_range(DQ_PARTS):
-                dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem.slice(w * (HEAD_DIM // 2) + c * DQ_C, DQ_C, dim=1),
-                                   gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
-                if c == 0:
-                    dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
-                    mbarrier.arrive(q_empty.index(st))
-                else:
-                    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
-                dq_c = dq_smem.index(w * DQ_PARTS + c)
-                dq_c.store(dq * sm_scale)
-                fence_async_shared()
-                _barrier()
-                if DQ_OUT == 0:
-                    _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + w * (HEAD_DIM // 2) + c * DQ_C],
-                                    dq_c)
-                elif DQ_OUT == 1:  # (timing experiments only: a plain store, wrong dq)
-                    tma.async_copy_shared_to_global(dq_desc, [q_start + start, head * HEAD_DIM + w * (HEAD_DIM // 2) +
-                                                              c * DQ_C], dq_c)
-        elif ATOMIC_DQ == 2:  # each consumer adds its own 64 keys' share of dQ (all D columns): no consumer sync,
-            # twice the reduce-add traffic; dQ in DQ_PARTS column blocks through two alternating fp32 buffers
-            ds_w = ds_smem.index(w)
-            ds_w.store(dsT)
+            dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem.slice(w * DQ_C, DQ_C, dim=1),
+                               gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
+            dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+            mbarrier.arrive(q_empty.index(st))
+            dq_w = dq_smem.index(w)  # fp32 dQ staged in shared memory, out by one reduce-add
+            dq_w.store(dq * sm_scale)
             fence_async_shared()
             _barrier()
-            dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
-            DQ_C: gl.constexpr = HEAD_DIM // DQ_PARTS
-            dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, DQ_C, 16])
-            for c in gl.static_range(DQ_PARTS):
-                dq = warpgroup_mma(ds_w.permute((1, 0)), k_w.slice(c * DQ_C, DQ_C, dim=1),
-                                   gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
-                if c == 0:
-                    dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
-                    mbarrier.arrive(q_empty.index(st))
-                else:
-                    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
-                dq_c = dq_smem.index(w * 2 + c % 2)
-                tma.store_wait(1)  # the reduce two parts ago (this buffer's) has read it
-                _barrier()
-                dq_c.store(dq * sm_scale)
-                fence_async_shared()
-                _barrier()
-                _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + c * DQ_C], dq_c)
+            _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + w * DQ_C], dq_w)
         else:
             dk = warpgroup_mma(gl.convert_layout(dsT, a_l), q_s, dk, is_async=True)
             dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
@@ -256,8 +206,7 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
                     GROUP: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, ACC: gl.constexpr,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                    WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr, DQ_PARTS: gl.constexpr,
-                    HEAD_INNER: gl.constexpr, DQ_OUT: gl.constexpr, CHUNK: gl.constexpr):
+                    WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr, CHUNK: gl.constexpr):
     # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
     pid = gl.program_id(0)
     doc = gl.program_id(1)
@@ -277,16 +226,12 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
         q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
         do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
         ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        if ATOMIC_DQ == 1:  # dS^T of both consumers, double-buffered ([128 keys, 64 q]: rows of 128 bytes, q's
-            # swizzle fits), and each consumer's fp32 dQ parts on their way to the TMA reduce-add
+        if ATOMIC_DQ:  # dS^T of both consumers, double-buffered ([128 keys, 64 q]: rows of 128 bytes, q's swizzle
+            # fits), and each consumer's fp32 dQ columns on their way to the TMA reduce-add
             ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], q_desc.layout)
-            dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_PARTS, BLOCK_M, HEAD_DIM // 2 // DQ_PARTS],
-                                                dq_desc.layout)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
             mbarrier.init(ds_ready.index(0), count=2)
             mbarrier.init(ds_ready.index(1), count=2)
-        elif ATOMIC_DQ == 2:  # each consumer's dS^T [64 keys, 64 q] and two dQ part buffers
-            ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_M], q_desc.layout)
-            dq_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M, HEAD_DIM // DQ_PARTS], dq_desc.layout)
         else:
             ds_smem = ds_ready
             dq_smem = ds_ready
@@ -323,16 +268,13 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
             (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
                          ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
                          stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
-                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
-                         DQ_PARTS, GROUP, HEAD_INNER, DQ_OUT)),
+                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
             (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
                          ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
                          stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
-                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
-                         DQ_PARTS, GROUP, HEAD_INNER, DQ_OUT)),
+                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
             (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
-                       n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES, GROUP,
-                       HEAD_INNER)),
+                       n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -388,9 +330,7 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     lay_q = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdt)
     lay_k = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
-    mode = DQ_MODE if atomic else 0
-    dq_cols = d // DQ_PARTS // (2 if mode == 1 else 1)
-    lay_dq = gl.NVMMASharedLayout.get_default_for([BLOCK_M, dq_cols], gl.float32)
+    lay_dq = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d // 2], gl.float32)
     q_lo, q_lim = q_range or (0, 2 ** 31 - 1)
     if q_range is not None and (q_lo % BLOCK_N or (q_lim < max_k and q_lim % BLOCK_N) or not accumulate):
         raise ValueError(f"q_range {q_range}: multiples of {BLOCK_N}, and only with accumulate (dk/dv added in)")
@@ -402,7 +342,7 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         do_desc = TensorDescriptor.from_tensor(_flat(do), [BLOCK_M, d], lay_q)
         k_desc = TensorDescriptor.from_tensor(_flat(k), [BLOCK_N, d], lay_k)
         v_desc = TensorDescriptor.from_tensor(_flat(v), [BLOCK_N, d], lay_k)
-        dq_desc = TensorDescriptor.from_tensor(dq_flat, [BLOCK_M, dq_cols], lay_dq) if atomic else k_desc
+        dq_desc = TensorDescriptor.from_tensor(dq_flat, [BLOCK_M, d // 2], lay_dq) if atomic else k_desc
         _attn_dkdv_sm90[grid](q_desc, k_desc, v_desc, do_desc, dq_desc, lse2, delta, dk, dv, cu_q, cu_k, dense,
                               scale * LOG2E, scale, lse2.stride(0), dk.stride(0), dk.stride(1), dv.stride(0),
                               dv.stride(1), *sp, hkv, q_lo, q_lim, k_skip, GROUP=hq // hkv, CAUSAL=causal,
@@ -410,7 +350,6 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                               STAGES=STAGES_ATOMIC if atomic else STAGES, PINGPONG=PINGPONG,
                               CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
                               WAIT_DV=WAIT_DV_FUSED if atomic else WAIT_DV,
-                              ATOMIC_DQ=mode, DQ_PARTS=DQ_PARTS, HEAD_INNER=HEAD_INNER, DQ_OUT=DQ_OUT,
-                              CHUNK=q_range is not None, num_warps=4)
+                              ATOMIC_DQ=atomic, CHUNK=q_range is not None, num_warps=4)
 
     return launch_guarded(_BROKEN, "dk/dv kernel", launch)

@@ -3,6 +3,7 @@ registers, spills, shared memory and matrix instructions (ptxas -v + cuobjdump),
 
     python scripts/kernel_stats.py [--sparse] [--docs] [--sass DIR] [--override 'fwd=128,128,8,3' ...]
     python scripts/kernel_stats.py --gluon [--json PATH]    # the Gluon sm_90 forward and dk/dv, 4 variants each
+    (GLUON_SASS_DIR=DIR: also write each Gluon variant's SASS there, e.g. to find where spills are)
 
 Triton compiles for an explicit target: a stand-in driver reports compute capability 9.0, every launch is turned
 into a warm-up (compile only, no launch), and the drivers of ``longreach.kernels.flash.triton`` run unchanged on CPU
@@ -106,7 +107,10 @@ def _compiled_stats(variant: str, module, launch) -> list[dict]:
     rows = []
     for kname, _, kern in COMPILED:
         st = stats(kname, kern)
-        st.pop("sass")
+        sass = st.pop("sass")
+        if os.environ.get("GLUON_SASS_DIR"):  # (debugging: where the spills are)
+            with open(os.path.join(os.environ["GLUON_SASS_DIR"], f"{variant}.sass"), "w") as f:
+                f.write(sass)
         rows.append(dict(variant=variant, **st))
     return rows
 

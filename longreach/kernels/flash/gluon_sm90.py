@@ -14,6 +14,10 @@ Inside a consumer, FlashAttention-3's intra-warpgroup order: S(t) = Q K_t^T and 
 together and the softmax of S(t) runs while P V does; between the two consumers a turn barrier orders the wgmma
 issues (FlashAttention-3's scheduler barrier), so one's softmax runs under the other's matmuls.
 
+Work items (q tile, head group, document) are sorted heaviest first; a CTA takes one, or (``PERSIST``, S2) one CTA
+per SM walks a snake of them, its loader fetching the next tile's Q (once both consumers' last S = Q K^T is done:
+``q_empty``) and K/V (the ring runs on across tiles) while the consumers finish this one.
+
 Rows of a tile: ``PACK`` q heads of one GQA group x 128 / PACK tokens, head-major (row r = head r // (128 / PACK),
 token r % (128 / PACK)); Q comes as PACK TMA boxes, one per head, so every K/V tile loaded serves all PACK heads
 (S2 packs its group, as the Triton kernel does; dense runs PACK = 1 with a group's heads in adjacent CTAs, sharing
@@ -44,6 +48,13 @@ STAGES = 3  # K/V ring depth (the overlapped order frees a buffer one tile late:
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 HEAD_DIMS = (64, 128)
+# persistent (by sparse): one CTA per SM, each walking a snake of the work items (heaviest first), the next tile's Q
+# and K/V loaded under this one's last steps and epilogue; else one CTA per item. H200 forward, 3 rounds alternated
+# (bench/results/gluon_fwd_persist_h200_2026-12-02.json): S2 8K 0.541 vs 0.553-0.568 ms, 32K 3.70-3.77 vs 3.77-3.88,
+# 128K 37.1-37.3 vs 37.7-37.8 (its tiles are short: ~30 steps at 32K); dense 8K/32K within 2%, 128K 235-243 vs 232-233
+# (the CTAs of a GQA group drift apart over 248 rounds and stop sharing K/V in L2), so dense keeps one CTA per item
+PERSIST = {False: False, True: True}
+OVERRIDE_PERSIST: dict = {}  # experiments and checks: {sparse: bool}
 
 
 @gluon.jit
@@ -62,22 +73,92 @@ def _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPA
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, q_row, q_col, k_row0, kv_col,
-            n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s, sp_block,
-            SPARSE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
-            HEAD_DIM: gl.constexpr):
+def _tile(item, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS,
+          GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr):
+    """Work item -> (hp, q_start, q_len, k_start, k_len, i0, hkv, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first,
+    s): items heaviest (last, for causal) tiles first, the head groups and documents of a tile side by side (a GQA
+    group shares K/V in L2). n_iter = 0: nothing to do (past the document's end, or no key to see)."""
+    TOK: gl.constexpr = BLOCK_M // PACK
+    t = item // (N_HP * N_DOCS)
+    rem = item - t * (N_HP * N_DOCS)
+    hp = rem % N_HP
+    doc = rem // N_HP
+    pid_m = N_TILES - 1 - t
+    q_start = gl.load(CU_Q + doc)
+    q_len = gl.load(CU_Q + doc + 1) - q_start
+    k_start = gl.load(CU_K + doc)
+    k_len = gl.load(CU_K + doc + 1) - k_start
+    i0 = pid_m * TOK
+    hkv = (hp * PACK) // GROUP
+    if CAUSAL:
+        hi = gl.minimum(k_len, i0 + TOK)
+        safe_hi = (gl.minimum(k_len, i0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = k_len
+        safe_hi = (k_len // BLOCK_N) * BLOCK_N
+    if SPARSE:  # S2 walk of the off-diagonal tiles (as the Triton kernel's _sparse_walk)
+        qb = i0 // sp_block
+        lo_wb = gl.maximum(qb - sp_window + 1, 0)
+        tpb = sp_block // BLOCK_N
+        dense = gl.load(DENSE + hkv)
+        s = gl.where(dense != 0, 1, sp_stride)
+        first = sp_sink + (hkv % s - sp_sink % s + s) % s
+        n_shard = gl.where(lo_wb > first, (lo_wb - first + s - 1) // s, 0) * tpb
+        n_sink = gl.minimum(sp_sink, lo_wb) * tpb
+        lo = lo_wb * sp_block
+        n_full = n_sink + n_shard + gl.maximum(safe_hi - lo, 0) // BLOCK_N
+    else:
+        n_sink = i0 * 0
+        n_shard = i0 * 0
+        first = i0 * 0
+        s = i0 * 0 + 1
+        lo = i0 * 0
+        n_full = safe_hi // BLOCK_N
+    n_iter = n_full + gl.cdiv(gl.maximum(hi - safe_hi, 0), BLOCK_N)
+    n_iter = gl.where(i0 < q_len, n_iter, 0)
+    return hp, q_start, q_len, k_start, k_len, i0, hkv, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s
+
+
+@gluon.jit
+def _item(r, pid, n_prog):
+    # round r of this CTA's items: a snake over the CTAs (forward on even rounds, backward on odd ones), so that
+    # with items sorted heaviest first each CTA's total comes out about even
+    return r * n_prog + gl.where(r % 2 == 0, pid, n_prog - 1 - pid)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty,
+            CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS, n_items, pid, n_prog,
+            GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):
     TOK: gl.constexpr = q_desc.block_type.shape[0]  # tokens per tile; one box per packed head
-    mbarrier.expect(q_bar, PACK * q_desc.block_type.nbytes)
-    for j in gl.static_range(PACK):
-        _tma_load(q_desc, [q_row, q_col + j * HEAD_DIM], q_bar, q_smem.slice(j * TOK, TOK, dim=0))
-    for t in range(n_iter):
-        st = t % STAGES
-        mbarrier.wait(kv_empty.index(st), ((t // STAGES) & 1) ^ 1)
-        start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-        bar = kv_ready.index(st)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [k_row0 + start, kv_col], bar, k_bufs.index(st))
-        _tma_load(v_desc, [k_row0 + start, kv_col], bar, v_bufs.index(st))
+    kc = 0  # K/V tiles loaded so far (ring position), Q tiles so far
+    nt = 0
+    for r in range(gl.cdiv(n_items, n_prog)):  # (the snake: every CTA takes every round)
+        item = _item(r, pid, n_prog)
+        if item < n_items:
+            hp, q_start, q_len, k_start, k_len, i0, hkv, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s = \
+                _tile(item, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS,
+                      GROUP, PACK, CAUSAL, SPARSE, BLOCK_M, BLOCK_N)
+            if n_iter > 0:
+                # the previous tile's Q is free once both consumers' last S = Q K^T is done
+                mbarrier.wait(q_empty, (nt & 1) ^ 1)
+                mbarrier.expect(q_bar, PACK * q_desc.block_type.nbytes)
+                for j in gl.static_range(PACK):
+                    _tma_load(q_desc, [q_start + i0, hp * PACK * HEAD_DIM + j * HEAD_DIM], q_bar,
+                              q_smem.slice(j * TOK, TOK, dim=0))
+                for t in range(n_iter):
+                    g = kc + t
+                    st = g % STAGES
+                    mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
+                    start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+                    bar = kv_ready.index(st)
+                    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+                    _tma_load(k_desc, [k_start + start, hkv * HEAD_DIM], bar, k_bufs.index(st))
+                    _tma_load(v_desc, [k_start + start, hkv * HEAD_DIM], bar, v_bufs.index(st))
+                kc += n_iter
+                nt += 1
 
 
 @gluon.jit
@@ -111,11 +192,56 @@ def _my_turn(turn, w: gl.constexpr, t):
 
 
 @gluon.jit
-def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
-              stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s,
-              sp_block, qk_scale,
-              CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr):
+def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
+              stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS,
+              n_items, pid, n_prog, qk_scale,
+              GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              ACC: gl.constexpr):
+    kc = 0  # K/V ring position and Q tiles seen, as the loader and the other consumer count them; turns taken: kc + nt
+    nt = 0
+    for r in range(gl.cdiv(n_items, n_prog)):  # (the snake: every CTA takes every round)
+        item = _item(r, pid, n_prog)
+        if item < n_items:
+            hp, q_start, q_len, k_start, k_len, i0, hkv, n_iter, n_full, safe_hi, lo, n_sink, n_shard, first, s = \
+                _tile(item, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS,
+                      GROUP, PACK, CAUSAL, SPARSE, BLOCK_M, BLOCK_N)
+            if n_iter > 0:
+                _tile_body(w, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
+                           stride_oh, stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink,
+                           n_shard, first, s, sp_block, qk_scale, kc, kc + nt, nt, CAUSAL, SPARSE, HEAD_DIM,
+                           BLOCK_N, STAGES, PACK, ACC)
+                kc += n_iter
+                nt += 1
+            else:
+                if not ACC:  # a q tile with no key to see (an empty kv document): out 0, lse -inf
+                    _empty_tile(w, O, LSE, stride_ot, stride_oh, stride_lh, hp, q_start, q_len, i0, HEAD_DIM, PACK)
+
+
+@gluon.jit
+def _empty_tile(w: gl.constexpr, O, LSE, stride_ot, stride_oh, stride_lh, hp, q_start, q_len, i0,
+                HEAD_DIM: gl.constexpr, PACK: gl.constexpr):
+    ROWS: gl.constexpr = 64
+    TOK: gl.constexpr = 128 // PACK
+    b_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    r = w * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, b_l))
+    tok = i0 + r % TOK
+    head = hp * PACK + r // TOK
+    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, b_l))
+    ok = tok < q_len
+    o_ptrs = O + gl.expand_dims((q_start + tok).to(gl.int64) * stride_ot + head * stride_oh, 1) + gl.expand_dims(od, 0)
+    gl.store(o_ptrs, gl.zeros([ROWS, HEAD_DIM], gl.float32, b_l).to(O.dtype.element_ty), mask=gl.expand_dims(ok, 1))
+    gl.store(LSE + head * stride_lh + q_start + tok, gl.full([ROWS], float("-inf"), gl.float32,
+                                                              gl.SliceLayout(1, b_l)), mask=ok)
+
+
+@gluon.jit
+def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
+               stride_oh, stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
+               first, s, sp_block, qk_scale, kc, tc, nt,
+               CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr):
+    # one tile (n_iter >= 1): kc = K/V ring position of its first tile, tc = turns before it, nt = Q tiles before it
     ROWS: gl.constexpr = 64
     TOK: gl.constexpr = 128 // PACK
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -131,26 +257,25 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_l)
     l_i = gl.zeros([ROWS], gl.float32, row_l)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_l)
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bar, nt & 1)
     # step 0's S alone; then each step issues S(u) and O += P(u-1) V(u-1) together, runs the softmax of S(u) while
     # P V runs, and rescales O only after both are done (nothing writes an accumulator while a wgmma is in flight)
-    mbarrier.wait(kv_ready.index(0), 0, pred=n_iter > 0)
-    _my_turn(turn, w, 0)
-    qk_tok = warpgroup_mma(q_w, k_bufs.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
-                           use_acc=False, is_async=True)
+    mbarrier.wait(kv_ready.index(kc % STAGES), (kc // STAGES) & 1)
+    _my_turn(turn, w, tc)
+    qk_tok = warpgroup_mma(q_w, k_bufs.index(kc % STAGES).permute((1, 0)),
+                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
     mbarrier.arrive(turn.index(1 - w))
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
     start = _tile_start(0, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-    p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, 0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
-    l_i = gl.where(n_iter > 0, l_i, 0.0)  # (no tile at all: out 0, lse -inf)
-    m_i = gl.where(n_iter > 0, m_new, float("-inf"))
+    p, m_i, alpha, l_i = _softmax(qk, m_i, l_i, 0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
     p16 = gl.convert_layout(p.to(dtype), p_l)
     for u in range(1, n_iter):
-        su = u % STAGES
-        sp_ = (u - 1) % STAGES
+        g = kc + u
+        su = g % STAGES
+        sp_ = (g - 1) % STAGES
         start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-        mbarrier.wait(kv_ready.index(su), (u // STAGES) & 1)
-        _my_turn(turn, w, u)
+        mbarrier.wait(kv_ready.index(su), (g // STAGES) & 1)
+        _my_turn(turn, w, tc + u)
         qk_tok = warpgroup_mma(q_w, k_bufs.index(su).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
                                use_acc=False, is_async=True)
         acc_tok = warpgroup_mma(p16, v_bufs.index(sp_), acc, is_async=True)
@@ -162,11 +287,12 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
         p16 = gl.convert_layout(p.to(dtype), p_l)
         m_i = m_new
-    if n_iter > 0:
-        _my_turn(turn, w, n_iter)
-        acc = warpgroup_mma(p16, v_bufs.index((n_iter - 1) % STAGES), acc)
-        mbarrier.arrive(turn.index(1 - w))
-        mbarrier.arrive(kv_empty.index((n_iter - 1) % STAGES))
+    mbarrier.arrive(q_empty)  # every S = Q K^T of this tile is done: the loader may bring the next tile's Q
+    last = (kc + n_iter - 1) % STAGES
+    _my_turn(turn, w, tc + n_iter)
+    acc = warpgroup_mma(p16, v_bufs.index(last), acc)
+    mbarrier.arrive(turn.index(1 - w))
+    mbarrier.arrive(kv_empty.index(last))
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
@@ -199,75 +325,45 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty
 
 @gluon.jit
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, stride_ot, stride_oh, stride_lh,
-                   sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
+                   sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS,
                    GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ACC: gl.constexpr):
-    # head groups of a tile side by side (a GQA group shares K/V in L2), heaviest (last, for causal) tiles first
-    TOK: gl.constexpr = BLOCK_M // PACK
+    # work items (q tile, head group, document) heaviest first; one per CTA, or (persistent: a grid of fewer CTAs
+    # than items) a snake of them per CTA, the next tile's Q and K/V loaded under this one's last steps and epilogue
     pid = gl.program_id(0)
-    hp = pid % N_HP
-    pid_m = N_TILES - 1 - pid // N_HP
-    doc = gl.program_id(1)
-    q_start = gl.load(CU_Q + doc)
-    q_len = gl.load(CU_Q + doc + 1) - q_start
-    k_start = gl.load(CU_K + doc)
-    k_len = gl.load(CU_K + doc + 1) - k_start
-    i0 = pid_m * TOK
-    if i0 < q_len:
-        hkv = (hp * PACK) // GROUP
-        if CAUSAL:
-            hi = gl.minimum(k_len, i0 + TOK)
-            safe_hi = (gl.minimum(k_len, i0) // BLOCK_N) * BLOCK_N
-        else:
-            hi = k_len
-            safe_hi = (k_len // BLOCK_N) * BLOCK_N
-        if SPARSE:  # S2 walk of the off-diagonal tiles (as the Triton kernel's _sparse_walk)
-            qb = i0 // sp_block
-            lo_wb = gl.maximum(qb - sp_window + 1, 0)
-            tpb = sp_block // BLOCK_N
-            dense = gl.load(DENSE + hkv)
-            s = gl.where(dense != 0, 1, sp_stride)
-            first = sp_sink + (hkv % s - sp_sink % s + s) % s
-            n_shard = gl.where(lo_wb > first, (lo_wb - first + s - 1) // s, 0) * tpb
-            n_sink = gl.minimum(sp_sink, lo_wb) * tpb
-            lo = lo_wb * sp_block
-            n_full = n_sink + n_shard + gl.maximum(safe_hi - lo, 0) // BLOCK_N
-        else:
-            n_sink = i0 * 0
-            n_shard = i0 * 0
-            first = i0 * 0
-            s = i0 * 0 + 1
-            lo = i0 * 0
-            n_full = safe_hi // BLOCK_N
-        n_iter = n_full + gl.cdiv(gl.maximum(hi - safe_hi, 0), BLOCK_N)
-
-        dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], k_desc.layout)
-        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(kv_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups
-        gl.warp_specialize([
-            # (the argument tuples are written out: a tuple held in a variable turns its constexprs into tensors)
-            (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
-                         stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
-                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, PACK, ACC)),
-            (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, turn, O, LSE, stride_ot, stride_oh,
-                         stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
-                         first, s, sp_block, qk_scale, CAUSAL, SPARSE, HEAD_DIM, BLOCK_N, STAGES, PACK, ACC)),
-            (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, kv_ready, kv_empty, q_start + i0,
-                       hp * PACK * HEAD_DIM, k_start, hkv * HEAD_DIM, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
-                       first, s, sp_block, SPARSE, BLOCK_N, STAGES, PACK, HEAD_DIM)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    n_prog = gl.num_programs(0)
+    n_items = N_TILES * N_HP * N_DOCS
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], k_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=2)  # both consumer warpgroups
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups
+    gl.warp_specialize([
+        # (the argument tuples are written out: a tuple held in a variable turns its constexprs into tensors)
+        (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
+                     stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
+                     N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
+                     STAGES, ACC)),
+        (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
+                     stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
+                     N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
+                     STAGES, ACC)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, CU_Q, CU_K,
+                   DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS, n_items, pid, n_prog,
+                   GROUP, PACK, CAUSAL, SPARSE, BLOCK_M, BLOCK_N, STAGES, HEAD_DIM)),
+    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -345,9 +441,24 @@ def attention_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     v_desc = TensorDescriptor.from_tensor(_flat(v), [BLOCK_N, d], lay)
     n_tiles = triton.cdiv(max(max_q, 1), tok)
     n_hp = hq // pack
-    grid = (n_tiles * n_hp, cu_q.numel() - 1)
+    n_docs = cu_q.numel() - 1
+    n_items = n_tiles * n_hp * n_docs
+    persist = OVERRIDE_PERSIST.get(sparse, PERSIST[sparse])
+    grid = (min(n_items, _sm_count(q.device)) if persist else n_items, )
     return launch_guarded(_BROKEN, "attention forward", lambda: _attn_fwd_sm90[grid](
         q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0), out.stride(1),
-        lse.stride(0), *sp, n_tiles, n_hp, GROUP=hq // hkv, PACK=pack, CAUSAL=causal, SPARSE=sparse, HEAD_DIM=d,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
-        ACC=accumulate, num_warps=4))
+        lse.stride(0), *sp, n_tiles, n_hp, n_docs, GROUP=hq // hkv, PACK=pack, CAUSAL=causal, SPARSE=sparse,
+        HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
+        LOADER_REGS=LOADER_REGS, ACC=accumulate, num_warps=4))
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # scripts/kernel_stats.py compiles for sm_90 on CPU tensors (the grid is not compiled)
+        return 132
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]

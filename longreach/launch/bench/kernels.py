@@ -186,12 +186,14 @@ def check_sm90_forward(device: str = "cuda") -> list[dict]:
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     rows = []
 
-    def fwd(gluon: bool, *a, **kw):
+    def fwd(gluon: bool, *a, persist: bool = False, **kw):
         tk.OVERRIDE["gluon_fwd"] = gluon
+        g.OVERRIDE_PERSIST.update({False: persist, True: persist})
         try:
             return tk.attention_forward(*a, **kw)
         finally:
             tk.OVERRIDE.pop("gluon_fwd", None)
+            g.OVERRIDE_PERSIST.clear()
 
     cases = [  # name, doc lengths, hq, hkv, d, dtype, causal, S2 pattern, pack
         ("dense", [1000], 32, 8, 128, torch.bfloat16, True, None, 1),
@@ -212,14 +214,36 @@ def check_sm90_forward(device: str = "cuda") -> list[dict]:
         sp = sparse_args(pat, hkv, device) if pat else None
         kw = dict(causal=causal, scale=d ** -0.5, out_dtype=dt, sparse=sp, pack=pack)
         go, gl_ = fwd(True, q, k, v, cu, cu, max(lens), **kw)
+        po, pl = fwd(True, q, k, v, cu, cu, max(lens), persist=True, **kw)
         to, tl_ = fwd(False, q, k, v, cu, cu, max(lens), **kw)
         allowed = (lambda doc, sq, sk, pat=pat, hkv=hkv: pat.token_mask(sq, hkv, device=device)) if pat else None
         ro, rl = ref.attention_reference(q.float(), k.float(), v.float(), cu, cu, causal=causal, scale=d ** -0.5,
                                          allowed=allowed)
         r = {"case": f"sm90_{name}", "gluon_skipped": g.why_not(q, k, v, sp, pack), "out": rel(go, ro),
-             "out_triton": rel(to, ro), "lse": rel(gl_, rl), "lse_triton": rel(tl_, rl), "vs_triton": rel(go, to)}
-        r["ok"] = r["gluon_skipped"] is None and r["out"] <= 2 * r["out_triton"] + 1e-3 and r["lse"] <= 1e-4
+             "out_triton": rel(to, ro), "lse": rel(gl_, rl), "lse_triton": rel(tl_, rl), "vs_triton": rel(go, to),
+             "persist_vs_not": max((po.float() - go.float()).abs().max().item(), (pl - gl_).abs().max().item())}
+        r["ok"] = r["gluon_skipped"] is None and r["out"] <= 2 * r["out_triton"] + 1e-3 and r["lse"] <= 1e-4 and \
+            r["persist_vs_not"] == 0.0
         rows.append(r)
+    # a q document whose kv document is empty (non-causal ring step): its rows get out 0, lse -inf
+    torch.manual_seed(2)
+    cu_q = torch.tensor([0, 600, 933], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 500, 500], dtype=torch.int32, device=device)
+    q = torch.randn(933, 8, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(500, 2, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    res = {}
+    for persist in (False, True):
+        o = torch.full_like(q, 7.0)
+        lse = torch.zeros(8, 933, device=device)
+        res[persist] = fwd(True, q, k, v, cu_q, cu_k, 600, causal=False, scale=128 ** -0.5, out_dtype=q.dtype,
+                           out=o, lse=lse, persist=persist)
+    ro, rl = ref.attention_reference(q.float(), k.float(), v.float(), cu_q, cu_k, causal=False, scale=128 ** -0.5)
+    r = {"case": "sm90_empty_kv_doc", "out": rel(res[False][0][:600], ro[:600]),
+         "out_persist": rel(res[True][0][:600], ro[:600]),
+         "empty_rows_ok": all(bool((x[0][600:] == 0).all()) and bool(torch.isneginf(x[1][:, 600:]).all())
+                              for x in res.values())}
+    r["ok"] = r["empty_rows_ok"] and max(r["out"], r["out_persist"]) <= 1e-2
+    rows.append(r)
     # ring hops: diagonal block then the earlier kv half, merged into fp32 (out, lse) in place, vs the whole
     torch.manual_seed(1)
     s, hq, hkv, d = 1536, 8, 2, 128
@@ -228,20 +252,21 @@ def check_sm90_forward(device: str = "cuda") -> list[dict]:
     cu_h = torch.tensor([0, s - h], dtype=torch.int32, device=device)
     cu_e = torch.tensor([0, h], dtype=torch.int32, device=device)
     res = {}
-    for gluon in (True, False):
+    for gluon, persist in ((True, False), (False, False), ("persist", True)):
         o = torch.zeros(s - h, hq, d, device=device)
         lse = torch.full((hq, s - h), float("-inf"), device=device)
-        fwd(gluon, q[h:], k[h:], v[h:], cu_h, cu_h, s - h, causal=True, scale=d ** -0.5, out_dtype=torch.float32,
-            out=o, lse=lse, accumulate=True)
-        fwd(gluon, q[h:], k[:h], v[:h], cu_h, cu_e, s - h, causal=False, scale=d ** -0.5, out_dtype=torch.float32,
-            out=o, lse=lse, accumulate=True)
+        fwd(bool(gluon), q[h:], k[h:], v[h:], cu_h, cu_h, s - h, causal=True, scale=d ** -0.5,
+            out_dtype=torch.float32, out=o, lse=lse, accumulate=True, persist=persist)
+        fwd(bool(gluon), q[h:], k[:h], v[:h], cu_h, cu_e, s - h, causal=False, scale=d ** -0.5,
+            out_dtype=torch.float32, out=o, lse=lse, accumulate=True, persist=persist)
         res[gluon] = (o, lse)
     cu = torch.tensor([0, s], dtype=torch.int32, device=device)
     ro, rl = ref.attention_reference(q.float(), k.float(), v.float(), cu, cu, causal=True, scale=d ** -0.5)
     r = {"case": "sm90_ring_accumulate", "out": rel(res[True][0], ro[h:]), "out_triton": rel(res[False][0], ro[h:]),
          "lse": rel(res[True][1], rl[:, h:]), "lse_triton": rel(res[False][1], rl[:, h:]),
-         "vs_triton": rel(res[True][0], res[False][0])}
-    r["ok"] = r["out"] <= 2 * r["out_triton"] + 1e-3 and r["lse"] <= 1e-4
+         "vs_triton": rel(res[True][0], res[False][0]),
+         "persist_vs_not": (res["persist"][0] - res[True][0]).abs().max().item()}
+    r["ok"] = r["out"] <= 2 * r["out_triton"] + 1e-3 and r["lse"] <= 1e-4 and r["persist_vs_not"] == 0.0
     rows.append(r)
     r = {"case": "sm90_launch_errors", "ok": not g._BROKEN, "errors": list(g._BROKEN)}
     rows.append(r)

@@ -94,7 +94,8 @@ GLUON_BWD_VARIANTS = [("bwd_dense", 128, False, False, True, False), ("bwd_s2", 
                       ("bwd_d64_accumulate", 64, False, True, True, False),
                       ("bwd_noncausal", 128, False, False, False, False), ("bwd_dq_dense", 128, False, False, True, True),
                       ("bwd_dq_s2", 128, True, False, True, True), ("bwd_dq_d64_accumulate", 64, False, True, True, True),
-                      ("bwd_dq_chunked", 128, False, True, True, True)]  # (a long sequence's q chunk)
+                      ("bwd_dq_chunked", 128, False, True, True, True),  # (a long sequence's q chunk)
+                      ("bwd_dq_s2_chunked", 128, True, True, True, True)]  # (S2's short q chunks)
 
 
 def _compiled_stats(variant: str, module, launch) -> list[dict]:

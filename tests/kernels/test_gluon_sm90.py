@@ -72,7 +72,8 @@ def test_compiles_for_sm90_without_spills(tmp_path):
     rows = json.loads(path.read_text())
     assert {x["variant"] for x in rows} == {"dense", "s2_pack4", "d64_accumulate", "noncausal_pack8", "bwd_dense",
                                             "bwd_s2", "bwd_d64_accumulate", "bwd_noncausal", "bwd_dq_dense",
-                                            "bwd_dq_s2", "bwd_dq_d64_accumulate", "bwd_dq_chunked"}
+                                            "bwd_dq_s2", "bwd_dq_d64_accumulate", "bwd_dq_chunked",
+                                            "bwd_dq_s2_chunked"}
     for x in rows:
         if x["variant"].startswith("bwd_dq") and x["variant"] != "bwd_dq_d64_accumulate":
             # dq added in (D 128): loop-invariant shared-memory addresses spilled (<= 128 B per thread) and
@@ -92,13 +93,16 @@ def test_compiles_for_sm90_without_spills(tmp_path):
         assert x["smem"] <= 227 * 1024, x  # the H100/H200 per-block limit
 
 
-@pytest.mark.parametrize("ring", [False, True])
-def test_fused_dq_chunks_cover_each_q_row_once(monkeypatch, ring):
-    """The host side of the fused-dq backward on a long sequence: q rows in chunks (one dkdv_into each), dk/dv summed
-    in fp32 and copied out, dq added into its fp32 buffer. A stand-in dkdv_into adds the exact (fp64 reference)
-    gradients of its chunk's q rows, so the sum over the chunks equals the whole only if the chunks tile [0, T)."""
+@pytest.mark.parametrize("ring,s2", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_dq_chunks_cover_each_q_row_once(monkeypatch, ring, s2):
+    """The host side of the fused-dq backward on a long sequence (dense: chunks of FUSED_DQ_MAX_BYTES of fp32 dq;
+    S2: of S2_BWD_CHUNK rows): q rows in chunks (one dkdv_into each), dk/dv summed in fp32 and copied out, dq added
+    into its fp32 buffer. A stand-in dkdv_into adds the exact (fp64 reference) gradients of its chunk's q rows, so
+    the sum over the chunks equals the whole only if the chunks tile [0, T)."""
     from longreach.kernels.flash import reference as ref
     from longreach.kernels.flash import triton as tk
+    from longreach.kernels.s2 import S2Pattern
+    from longreach.kernels.s2.triton import sparse_args
 
     t, hq, hkv, d, sc = 300, 4, 2, 64, 0.125
     torch.manual_seed(0)
@@ -126,6 +130,7 @@ def test_fused_dq_chunks_cover_each_q_row_once(monkeypatch, ring):
         def dkdv_into(do_, q_, k_, v_, delta, lse2, cu_q, cu_k, max_k, dense, sp, dk, dv, *, causal, scale, sparse,
                       accumulate, dq=None, q_range=None):
             assert accumulate and dk.dtype == torch.float32 and dq is not None and q_range is not None
+            assert sparse == s2
             lo, hi = q_range
             ranges.append(q_range)
             a, b, c = (x.double().requires_grad_() for x in (q_, k_, v_))
@@ -138,11 +143,16 @@ def test_fused_dq_chunks_cover_each_q_row_once(monkeypatch, ring):
 
     monkeypatch.setattr(tk, "INTERPRET", False)
     monkeypatch.setattr(tk, "_gluon", lambda name="gluon_sm90": FakeGluon)
-    monkeypatch.setattr(tk, "FUSED_DQ_MAX_BYTES", 128 * hq * d * 4)  # chunks of 128 q rows
+    if s2:  # S2's own chunk size applies (not the dense one's) from S2_BWD_CHUNK_FROM rows on
+        monkeypatch.setattr(tk, "S2_BWD_CHUNK", 128)
+        monkeypatch.setattr(tk, "S2_BWD_CHUNK_FROM", 256)
+    else:
+        monkeypatch.setattr(tk, "FUSED_DQ_MAX_BYTES", 128 * hq * d * 4)  # chunks of 128 q rows
     out = torch.zeros_like(q)
     lse = torch.zeros(hq, t)
     acc = tuple(torch.full(x.shape, 0.5) for x in (q, k, v)) if ring else None
-    got = tk.attention_backward(do, q, k, v, out, lse, cu, cu, t, t, causal=True, scale=sc, acc=acc)
+    sp = sparse_args(S2Pattern(64, 128, 64, 2), hkv, "cpu") if s2 else None
+    got = tk.attention_backward(do, q, k, v, out, lse, cu, cu, t, t, causal=True, scale=sc, acc=acc, sparse=sp)
     assert ranges == [(0, 128), (128, 256), (256, 384)]
     for g, w in zip(got, want):
         assert g.dtype == (torch.float32 if ring else torch.bfloat16)

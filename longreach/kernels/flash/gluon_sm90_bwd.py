@@ -25,7 +25,11 @@ consumer w computes dQ's head-dim columns [w D/2, (w+1) D/2) over all 128 keys, 
 and issues one reduce-add (waited, read side only, a step later). Whole backward, dense 32K 45.2 ms vs 48.9 with
 the Triton dq kernel; a long sequence runs in q chunks (``q_range``), 128K 718 vs 783
 (bench/results/gluon_bwd_sweep_*_h200_2026-12-02.json). Each consumer adding its own keys' share instead (twice
-the traffic) ran 56-59 ms, dQ in two wgmmas 56, fp32 register atomics 83.
+the traffic) ran 56-59 ms, dQ in two wgmmas 56, fp32 register atomics 83. S2 runs its q rows in chunks of 6144 from
+24K tokens on (``triton.S2_BWD_CHUNK``): an on-shard KV tile sees every later q row, and in one launch those tiles
+walk them at unrelated phases (L2 hit 32% vs 85% dense); in chunks the CTAs of a launch share the chunk's q/dout and
+dq rows in L2 (32K 12.5-12.7 ms vs 13.3-14.1, 128K 120.5 vs 128.5-129.4; a KV tile that sees none of a chunk returns
+at once).
 """
 
 from __future__ import annotations
@@ -264,18 +268,19 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
         n_per = gl.cdiv(gl.maximum(q_hi - lo, 0), BLOCK_M)
         n_total = n_per * GROUP
         head_base = hkv * GROUP
-        gl.warp_specialize([
-            (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
-                         ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
-                         stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
-                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
-            (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
-                         ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
-                         stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
-                         head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
-            (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
-                       n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+        if (not CHUNK) | (n_total > 0):  # a chunk (dk/dv added in): nothing to do for a KV tile that sees none of it
+            gl.warp_specialize([
+                (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
+                             ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
+                             stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
+                             head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
+                (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
+                             ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
+                             stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
+                             head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
+                (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
+                           n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES)),
+            ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -319,7 +324,8 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     ``dq``: an fp32 [Tq, Hq, D] buffer (``dq_buffer_ok``) that each tile's share of dq is added into by TMA
     reduce-adds (5 matmuls per tile pair; without it dq is the Triton dq kernel's, 3 more). ``q_range`` = (lo, hi):
     only the q rows [lo, hi) of each document (multiples of 128; with ``accumulate``): a long sequence's chunks, so
-    that the CTAs running together add into the same dq rows (L2)."""
+    that the CTAs running together add into the same dq rows (L2); the KV tiles that see none of a chunk's rows
+    return at once."""
     tq, hq, d = q.shape
     atomic = dq is not None
     if atomic and not dq_buffer_ok(dq):

@@ -616,6 +616,16 @@ GLUON_BWD = True
 GLUON_ATOMIC_DQ = True
 FUSED_DQ_MAX_BYTES = 1 << 29  # 32K tokens x 32 heads x D 128
 FUSED_DQ_CHUNKS = True  # longer (dense): q chunks as above; False: the Triton dq kernel
+# S2 from S2_BWD_CHUNK_FROM q rows on: the fused-dq dk/dv pass in q chunks of S2_BWD_CHUNK rows, one launch each,
+# dk/dv summed in fp32, so that the CTAs running together read the same q/dout rows from L2 and add into the same dq
+# rows (in one launch the on-shard KV tiles, which see every later q row, walk it at unrelated phases: L2 hit 32% vs
+# dense 85%, bench/results/ncu_dkdv_s2_dense_32k_h200_2026-12-02.txt). H200 backward, S2 block 128 / window 2048 /
+# sink 128 / stride 8: 32K 12.5-12.7 ms (one fused launch 13.3-14.1, Gluon dk/dv + Triton dq 13.0-13.4), 128K
+# 120.5-120.6 (128.5-129.4, 139.5-140.7); chunks of 2K-16K within 2% at 128K; at 8K one launch is faster (1.71-1.77
+# vs 1.90-1.99 in two chunks of 4K; bench/results/s2_bwd_chunk*_h200_2026-12-03.json). OVERRIDE["s2_chunk"] forces
+# a chunk size (0: one launch) at any length.
+S2_BWD_CHUNK = 6144
+S2_BWD_CHUNK_FROM = 24576
 # the sweep overrides tiles here: {(kernel, sparse): Tile}, {"fused": bool}
 OVERRIDE: dict = {}
 # fp32 operands (tf32 dots; the ring's checks) and GPUs without the shared memory for the tuned tiles
@@ -831,16 +841,20 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         # q rows per launch: all, or (long sequences) chunks whose fp32 dq fits FUSED_DQ_MAX_BYTES
         chunk = max(128, FUSED_DQ_MAX_BYTES // (hq * d * 4) // 128 * 128)
         long = max_q > chunk
-        fused = OVERRIDE.get("gluon_atomic_dq", GLUON_ATOMIC_DQ and (not long or (FUSED_DQ_CHUNKS and not is_sparse)))
-        chunks = [(lo, lo + chunk) for lo in range(0, max_q, chunk)] if fused and long else [None]
+        s2_chunk = OVERRIDE.get("s2_chunk", S2_BWD_CHUNK if max_q >= S2_BWD_CHUNK_FROM else 0) if is_sparse else 0
+        fused = OVERRIDE.get("gluon_atomic_dq", GLUON_ATOMIC_DQ and (not long or s2_chunk > 0 or
+                                                                     (FUSED_DQ_CHUNKS and not is_sparse)))
+        if s2_chunk and max_q > s2_chunk:  # S2: short q chunks, their q/dout rows shared in L2 (see S2_BWD_CHUNK)
+            chunk, long = s2_chunk, True
+        chunks = [(lo, lo + chunk) for lo in range(0, max_q, chunk)] if long and (fused or s2_chunk) else [None]
         kdk, kdv, accumulate_k = dk, dv, acc is not None
+        if len(chunks) > 1 and acc is None:  # dk/dv summed over the chunks in fp32
+            kdk, kdv, accumulate_k = torch.zeros(dk.shape, dtype=torch.float32, device=q.device), \
+                torch.zeros(dv.shape, dtype=torch.float32, device=q.device), True
         if fused:  # dq added in by the dk/dv kernel (TMA reduce-adds)
             g_dq = dq if gb.dq_buffer_ok(dq) else torch.zeros((tq, hq, d), dtype=torch.float32, device=q.device)
             if acc is None and g_dq is dq:
                 g_dq.zero_()
-            if len(chunks) > 1 and acc is None:  # dk/dv summed over the chunks in fp32
-                kdk, kdv, accumulate_k = torch.zeros(dk.shape, dtype=torch.float32, device=q.device), \
-                    torch.zeros(dv.shape, dtype=torch.float32, device=q.device), True
         for i, q_range in enumerate(chunks):
             gluon_dkdv = gb.dkdv_into(do, q, k, v, delta, lse2, cu_q, cu_k, max_k, dense, (spb, spw, sps, spst), kdk,
                                       kdv, causal=causal, scale=scale, sparse=is_sparse, accumulate=accumulate_k,
@@ -849,12 +863,12 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                 if i:
                     raise RuntimeError("the Gluon dk/dv kernel failed to launch after its first chunk")
                 break
+        if gluon_dkdv and kdk is not dk:
+            dk.copy_(kdk)
+            dv.copy_(kdv)
         if gluon_dkdv and g_dq is not None:
             if g_dq is not dq:
                 dq.add_(g_dq) if acc is not None else dq.copy_(g_dq)
-            if kdk is not dk:
-                dk.copy_(kdk)
-                dv.copy_(kdv)
             return dq, dk, dv
     else:
         # lse's strides (the kernels index delta with lse's head stride, also when lse is a view)

@@ -294,17 +294,20 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
     rows = []
 
     def bwd(gluon, *a, **kw):  # gluon: False (all Triton), True (Gluon dk/dv + Triton dq), "atomic" (dq in dk/dv),
-        # "chunked" (dq in dk/dv, the q rows in chunks of 256 as for a long sequence)
+        # "chunked" (dq in dk/dv, the q rows in chunks of 256 as for a long sequence), S2 only: "s2_chunked" /
+        # "s2_chunked_hybrid" (S2_BWD_CHUNK = 256, with / without the dq in dk/dv; the compact grid unless dense heads)
         tk.OVERRIDE["gluon_bwd"] = bool(gluon)
-        tk.OVERRIDE["gluon_atomic_dq"] = gluon in ("atomic", "chunked")
+        tk.OVERRIDE["gluon_atomic_dq"] = gluon in ("atomic", "chunked", "s2_chunked")
+        if gluon in ("s2_chunked", "s2_chunked_hybrid"):
+            tk.OVERRIDE["s2_chunk"] = 256
         max_bytes = tk.FUSED_DQ_MAX_BYTES
         if gluon == "chunked":
             tk.FUSED_DQ_MAX_BYTES = 256 * a[1].shape[1] * a[1].shape[2] * 4
         try:
             return tk.attention_backward(*a, **kw)
         finally:
-            tk.OVERRIDE.pop("gluon_bwd", None)
-            tk.OVERRIDE.pop("gluon_atomic_dq", None)
+            for key in ("gluon_bwd", "gluon_atomic_dq", "s2_chunk"):
+                tk.OVERRIDE.pop(key, None)
             tk.FUSED_DQ_MAX_BYTES = max_bytes
 
     cases = [  # name, q doc lengths, k doc lengths, hq, hkv, d, dtype, causal, S2 pattern, grad dtype
@@ -337,9 +340,10 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
         allowed = (lambda doc, sq, sk, pat=pat, hkv=hkv: pat.token_mask(sq, hkv, device=device)) if pat else None
         ro, _ = ref.attention_reference(qf, kf, vf, cu_q, cu_k, causal=causal, scale=sc, allowed=allowed)
         ro.backward(do.float())
-        for mode in (True, "atomic", "chunked"):
+        for mode in (True, "atomic", "chunked") + (("s2_chunked", "s2_chunked_hybrid") if pat else ()):
             gg = bwd(mode, do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), **kw)
-            r = {"case": f"sm90_bwd_{name}" + {True: "", "atomic": "_atomic_dq", "chunked": "_chunked_dq"}[mode],
+            r = {"case": f"sm90_bwd_{name}" + {True: "", "atomic": "_atomic_dq", "chunked": "_chunked_dq",
+                                                "s2_chunked": "_s2_chunks", "s2_chunked_hybrid": "_s2_chunks_hybrid"}[mode],
                  "gluon_skipped": g.why_not(q, k, v, do, lse, sp)}
             for n_, a, b, ref_ in zip(("dq", "dk", "dv"), gg, tg, (qf.grad, kf.grad, vf.grad)):
                 r[n_], r[f"{n_}_triton"], r[f"{n_}_vs_triton"] = rel(a, ref_), rel(b, ref_), rel(a, b)

@@ -1,0 +1,51 @@
+"""S2 backward in short q chunks (``triton.S2_BWD_CHUNK`` / OVERRIDE["s2_chunk"]): one dk/dv launch per chunk of q
+rows, dk/dv summed in fp32, so the on-shard KV tiles (which see every later q row) read a chunk's q/dout together from
+L2. Backward alone through tk.attention_backward, B1 Hq32 Hkv8 D128 causal bf16, S2 block 128 / window 2048 / sink 128
+/ stride 8, variants FUSED:CHUNK (FUSED 1: dq by the dk/dv kernel's TMA reduce-adds, 0: the Triton dq kernel; CHUNK 0: one
+launch), alternated over ROUNDS; each variant's grads against the first's.
+PYTHONPATH=. python bench/experiments/s2_bwd/chunk.py  (LENS=32768,131072 VARIANTS=... ROUNDS=2; $OUT/s2_bwd_chunk.json)"""
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
+from harness import Rows, bench, rel  # noqa: E402
+from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
+from longreach.kernels.flash import triton as tk  # noqa: E402
+from longreach.kernels.s2 import S2Pattern  # noqa: E402
+from longreach.kernels.s2.triton import sparse_args  # noqa: E402
+
+rows = Rows(os.environ.get("NAME", "s2_bwd_chunk"))
+hq, hkv, d = 32, 8, 128
+VARIANTS = os.environ.get("VARIANTS", "1:0,0:0,1:2048,1:4096,1:8192,1:16384").split(",")
+
+for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
+    torch.manual_seed(0)
+    q = torch.randn(S, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(S, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    cu = torch.tensor([0, S], dtype=torch.int32, device="cuda")
+    sp = sparse_args(S2Pattern(128, 2048, 128, 8), hkv, "cuda")
+    out, lse = tk.attention_forward(q, k, v, cu, cu, S, causal=True, scale=d ** -0.5, out_dtype=q.dtype,
+                                    sparse=sp, pack=hq // hkv)
+
+    def run():
+        return tk.attention_backward(do, q, k, v, out, lse, cu, cu, S, S, causal=True, scale=d ** -0.5,
+                                     sparse=sp, pack=hq // hkv)
+
+    rep = 100 if S < 100000 else 40
+    ref = None
+    for rnd in range(int(os.environ.get("ROUNDS", "2"))):
+        for var in VARIANTS:
+            fused, chunk = (int(x) for x in var.split(":"))
+            tk.OVERRIDE.clear()
+            tk.OVERRIDE.update(gluon_bwd=True, gluon_atomic_dq=bool(fused), s2_chunk=chunk or None)
+            g = run()
+            ref = g if ref is None else ref
+            rows.rec(S=S, variant=var, round=rnd, bwd_ms=bench(run, rep=rep),
+                     vs_first=[rel(a, b) for a, b in zip(g, ref)], broken=list(gb._BROKEN))
+            del g
+    tk.OVERRIDE.clear()
+    torch.cuda.empty_cache()

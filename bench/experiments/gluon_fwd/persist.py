@@ -1,6 +1,7 @@
 """A/B in one process: the Gluon forward one CTA per work item vs persistent (gluon_sm90.PERSIST: one CTA per SM
 walking a snake of the items), dense and S2, alternated for ROUNDS rounds; forward alone through
-tk.attention_forward. PACKS=1,2,4: S2's q tile packing (default: the GQA group). PYTHONPATH=. python bench/experiments/gluon_fwd/persist.py  ($OUT/gluon_fwd_persist.json)"""
+tk.attention_forward. PACKS=1,2,4: S2's q tile packing (default: the GQA group).
+PYTHONPATH=. python bench/experiments/gluon_fwd/persist.py  ($OUT/gluon_fwd_persist.json)"""
 import os
 import sys
 

@@ -1,9 +1,10 @@
 """S2 backward in short q chunks (``triton.S2_BWD_CHUNK`` / OVERRIDE["s2_chunk"]): one dk/dv launch per chunk of q
 rows, dk/dv summed in fp32, so the on-shard KV tiles (which see every later q row) read a chunk's q/dout together from
 L2. Backward alone through tk.attention_backward, B1 Hq32 Hkv8 D128 causal bf16, S2 block 128 / window 2048 / sink 128
-/ stride 8, variants FUSED:CHUNK (FUSED 1: dq by the dk/dv kernel's TMA reduce-adds, 0: the Triton dq kernel; CHUNK 0: one
-launch), alternated over ROUNDS; each variant's grads against the first's.
-PYTHONPATH=. python bench/experiments/s2_bwd/chunk.py  (LENS=32768,131072 VARIANTS=... ROUNDS=2; $OUT/s2_bwd_chunk.json)"""
+/ stride 8, variants FUSED:CHUNK (FUSED 1: dq by the dk/dv kernel's TMA reduce-adds, 0: the Triton dq kernel;
+CHUNK 0: one launch), alternated over ROUNDS; each variant's grads against the first's.
+PYTHONPATH=. python bench/experiments/s2_bwd/chunk.py
+(LENS=32768,131072 VARIANTS=... ROUNDS=2; $OUT/s2_bwd_chunk.json)"""
 import os
 import sys
 

@@ -844,9 +844,11 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         s2_chunk = OVERRIDE.get("s2_chunk", S2_BWD_CHUNK if max_q >= S2_BWD_CHUNK_FROM else 0) if is_sparse else 0
         fused = OVERRIDE.get("gluon_atomic_dq", GLUON_ATOMIC_DQ and (not long or s2_chunk > 0 or
                                                                      (FUSED_DQ_CHUNKS and not is_sparse)))
-        if s2_chunk and max_q > s2_chunk:  # S2: short q chunks, their q/dout rows shared in L2 (see S2_BWD_CHUNK)
-            chunk, long = s2_chunk, True
-        chunks = [(lo, lo + chunk) for lo in range(0, max_q, chunk)] if long and (fused or s2_chunk) else [None]
+        if s2_chunk:  # S2: short q chunks, their q/dout rows shared in L2 (see S2_BWD_CHUNK)
+            rows = s2_chunk if max_q > s2_chunk else None
+        else:
+            rows = chunk if fused and long else None
+        chunks = [(lo, lo + rows) for lo in range(0, max_q, rows)] if rows else [None]
         kdk, kdv, accumulate_k = dk, dv, acc is not None
         if len(chunks) > 1 and acc is None:  # dk/dv summed over the chunks in fp32
             kdk, kdv, accumulate_k = torch.zeros(dk.shape, dtype=torch.float32, device=q.device), \

@@ -295,7 +295,7 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
 
     def bwd(gluon, *a, **kw):  # gluon: False (all Triton), True (Gluon dk/dv + Triton dq), "atomic" (dq in dk/dv),
         # "chunked" (dq in dk/dv, the q rows in chunks of 256 as for a long sequence), S2 only: "s2_chunked" /
-        # "s2_chunked_hybrid" (S2_BWD_CHUNK = 256, with / without the dq in dk/dv; the compact grid unless dense heads)
+        # "s2_chunked_hybrid" (S2_BWD_CHUNK = 256, with / without the dq in dk/dv)
         tk.OVERRIDE["gluon_bwd"] = bool(gluon)
         tk.OVERRIDE["gluon_atomic_dq"] = gluon in ("atomic", "chunked", "s2_chunked")
         if gluon in ("s2_chunked", "s2_chunked_hybrid"):
@@ -342,8 +342,9 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
         ro.backward(do.float())
         for mode in (True, "atomic", "chunked") + (("s2_chunked", "s2_chunked_hybrid") if pat else ()):
             gg = bwd(mode, do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), **kw)
-            r = {"case": f"sm90_bwd_{name}" + {True: "", "atomic": "_atomic_dq", "chunked": "_chunked_dq",
-                                                "s2_chunked": "_s2_chunks", "s2_chunked_hybrid": "_s2_chunks_hybrid"}[mode],
+            suffix = {True: "", "atomic": "_atomic_dq", "chunked": "_chunked_dq", "s2_chunked": "_s2_chunks",
+                      "s2_chunked_hybrid": "_s2_chunks_hybrid"}[mode]
+            r = {"case": f"sm90_bwd_{name}{suffix}",
                  "gluon_skipped": g.why_not(q, k, v, do, lse, sp)}
             for n_, a, b, ref_ in zip(("dq", "dk", "dv"), gg, tg, (qf.grad, kf.grad, vf.grad)):
                 r[n_], r[f"{n_}_triton"], r[f"{n_}_vs_triton"] = rel(a, ref_), rel(b, ref_), rel(a, b)

@@ -14,7 +14,7 @@ buffers, freed when both consumers have arrived. Per step and consumer:
     S^T = K_w Q^T, dP^T = V_w dO^T (issued together), P^T = exp2(S^T c - lse2) (while dP^T runs),
     dV_w += P^T dO (issued), dS^T = P^T (dP^T - delta) (while dV runs), dK_w += dS^T Q
 
-with a turn barrier between the consumers (FlashAttention-3's scheduler barrier). H200, B1 Hq32 Hkv8 D128 causal
+with a turn barrier between the consumers (FlashAttention-3's scheduler barrier; off with dq added in, below). H200, B1 Hq32 Hkv8 D128 causal
 bf16, delta + dk/dv: dense 32K 28.3 ms (Triton 33.5), 128K 456 ms (Triton 534); S2 32K 7.6 (Triton 8.6)
 (bench/results/gluon_dkdv_dev_h200_2026-12-02.json).
 
@@ -22,7 +22,8 @@ bf16, delta + dk/dv: dense 32K 28.3 ms (Triton 33.5), 128K 456 ms (Triton 534); 
 into an fp32 buffer by TMA reduce-adds (5 matmuls per tile pair instead of 7). Mode 1, FlashAttention-3's split:
 both consumers' dS^T go to one double-buffered [128 keys, 64 q] shared tile (an mbarrier says both are there), and
 consumer w computes dQ's head-dim columns [w D/2, (w+1) D/2) over all 128 keys, stages them in fp32 shared memory
-and issues one reduce-add (waited, read side only, a step later). Whole backward, dense 32K 45.2 ms vs 48.9 with
+and issues one reduce-add (waited, read side only, a step later); its dK takes dS^T from registers and the turn
+barrier is off (``DK_RS``, ``PINGPONG_FUSED``: 2-4% faster). Whole backward, dense 32K 45.2 ms vs 48.9 with
 the Triton dq kernel; a long sequence runs in q chunks (``q_range``), 128K 718 vs 783
 (bench/results/gluon_bwd_sweep_*_h200_2026-12-02.json). Each consumer adding its own keys' share instead (twice
 the traffic) ran 56-59 ms, dQ in two wgmmas 56, fp32 register atomics 83. S2 runs its q rows in chunks of 6144 from
@@ -54,8 +55,15 @@ BLOCK_M = 64  # q tokens per step
 STAGES = 4  # q/dout ring depth (2 ran the same: bench/results/gluon_dkdv_dev_h200_2026-12-02.json)
 STAGES_ATOMIC = 2  # with dq added in (dS^T and dQ buffers: 64 KB more shared memory)
 PINGPONG = 1
+# with dq added in: no turn barrier, and dK's dS^T operand from registers (DK_RS) rather than the shared tile both
+# consumers write for dQ (one shared-memory read less per step, the kernel being bound there). H200, backward alone,
+# 2 rounds (bench/results/gluon_bwd_knobs_h200_2026-12-03.json): dense 32K 43.8 / 45.8 ms vs 45.7 / 45.8, 128K
+# 706 / 708 vs 723 / 728; S2 32K 11.97 / 12.12 vs 12.47 / 12.89, 128K 116.4 / 116.5 vs 120.1 / 120.1 (DK_RS with the
+# barrier: 128K dense 964)
+PINGPONG_FUSED = 0
 WAIT_DV = 0
 WAIT_DV_FUSED = 1  # with dq added in: dV waited before dS^T (spills 204 -> 108 B; 32K 45.8 vs 51.9 ms)
+DK_RS = 1
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 
@@ -102,7 +110,8 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
               ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh,
               stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0, head_base, hkv,
               CAUSAL: gl.constexpr, ACC: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-              STAGES: gl.constexpr, PINGPONG: gl.constexpr, WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr, WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+              DK_RS: gl.constexpr):
     ROWS: gl.constexpr = 64  # keys of this consumer
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     kv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -167,7 +176,10 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
             fence_async_shared()
             _barrier()  # all 128 threads' stores fenced before the one-thread arrive
             mbarrier.arrive(ds_ready.index(it % 2))
-            dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
+            if DK_RS:  # dS^T from registers (no shared-memory read of it for dK)
+                dk = warpgroup_mma(gl.convert_layout(dsT, a_l), q_s, dk, is_async=True)
+            else:
+                dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
             mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
             DQ_C: gl.constexpr = HEAD_DIM // 2
             dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -210,7 +222,8 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
                     GROUP: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr, ACC: gl.constexpr,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                    WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr, CHUNK: gl.constexpr):
+                    WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr, CHUNK: gl.constexpr,
+                    DK_RS: gl.constexpr):
     # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
     pid = gl.program_id(0)
     doc = gl.program_id(1)
@@ -273,11 +286,13 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
                 (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
                              ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
                              stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
-                             head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
+                             head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
+                             DK_RS)),
                 (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
                              ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
                              stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
-                             head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ)),
+                             head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
+                             DK_RS)),
                 (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
                            n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES)),
             ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -353,9 +368,10 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                               scale * LOG2E, scale, lse2.stride(0), dk.stride(0), dk.stride(1), dv.stride(0),
                               dv.stride(1), *sp, hkv, q_lo, q_lim, k_skip, GROUP=hq // hkv, CAUSAL=causal,
                               SPARSE=sparse, ACC=accumulate, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                              STAGES=STAGES_ATOMIC if atomic else STAGES, PINGPONG=PINGPONG,
+                              STAGES=STAGES_ATOMIC if atomic else STAGES,
+                              PINGPONG=PINGPONG_FUSED if atomic else PINGPONG,
                               CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
                               WAIT_DV=WAIT_DV_FUSED if atomic else WAIT_DV,
-                              ATOMIC_DQ=atomic, CHUNK=q_range is not None, num_warps=4)
+                              ATOMIC_DQ=atomic, CHUNK=q_range is not None, DK_RS=DK_RS, num_warps=4)
 
     return launch_guarded(_BROKEN, "dk/dv kernel", launch)

@@ -1,10 +1,11 @@
-"""Fused-dq backward knobs (``gluon_sm90_bwd.DK_RS`` / ``PINGPONG_FUSED``): dK's dS^T operand from registers instead of the
-shared tile both consumers write for dQ (less shared-memory read traffic per step, the kernel being bound there), and
-the consumers' turn barrier on/off. Backward alone through tk.attention_backward (production dispatch: fused dq, S2 in
-q chunks, dense past 32K in q chunks), B1 Hq32 Hkv8 D128 causal bf16, dense and S2 (block 128, window 2048, sink 128,
-stride 8), variants RS:PP alternated over ROUNDS; each variant's grads against the first's.
+"""Fused-dq backward knobs (``gluon_sm90_bwd.DK_RS`` / ``PINGPONG_FUSED``): dK's dS^T operand from registers
+instead of the shared tile both consumers write for dQ (less shared-memory read traffic per step, the kernel being
+bound there), and the consumers' turn barrier on/off. Backward alone through tk.attention_backward (production
+dispatch: fused dq, S2 in q chunks, dense past 32K in q chunks), B1 Hq32 Hkv8 D128 causal bf16, dense and S2 (block
+128, window 2048, sink 128, stride 8), variants RS:PP alternated over ROUNDS; each variant's grads against the first's.
 PYTHONPATH=. python bench/experiments/gluon_dkdv/knobs.py
-(LENS=32768,131072 KINDS=dense,s2 VARIANTS=0:1,1:1,0:0,1:0 (the defaults were 0:1 when it ran) ROUNDS=2; $OUT/gluon_bwd_knobs.json)"""
+(LENS=32768,131072 KINDS=dense,s2 VARIANTS=0:1,1:1,0:0,1:0 ROUNDS=2; $OUT/gluon_bwd_knobs.json; the defaults were
+0:1 when it ran, now 1:0)"""
 import os
 import sys
 

@@ -14,9 +14,9 @@ buffers, freed when both consumers have arrived. Per step and consumer:
     S^T = K_w Q^T, dP^T = V_w dO^T (issued together), P^T = exp2(S^T c - lse2) (while dP^T runs),
     dV_w += P^T dO (issued), dS^T = P^T (dP^T - delta) (while dV runs), dK_w += dS^T Q
 
-with a turn barrier between the consumers (FlashAttention-3's scheduler barrier; off with dq added in, below). H200, B1 Hq32 Hkv8 D128 causal
-bf16, delta + dk/dv: dense 32K 28.3 ms (Triton 33.5), 128K 456 ms (Triton 534); S2 32K 7.6 (Triton 8.6)
-(bench/results/gluon_dkdv_dev_h200_2026-12-02.json).
+with a turn barrier between the consumers (FlashAttention-3's scheduler barrier; off with dq added in, below).
+H200, B1 Hq32 Hkv8 D128 causal bf16, delta + dk/dv: dense 32K 28.3 ms (Triton 33.5), 128K 456 ms (Triton 534); S2
+32K 7.6 (Triton 8.6) (bench/results/gluon_dkdv_dev_h200_2026-12-02.json).
 
 ``ATOMIC_DQ`` (``dkdv_into(dq=...)``, the default where ``triton.GLUON_ATOMIC_DQ`` says): dq in the same pass, added
 into an fp32 buffer by TMA reduce-adds (5 matmuls per tile pair instead of 7). Mode 1, FlashAttention-3's split:

@@ -30,3 +30,28 @@ def bench(fn, rep=300):
 
 def rel(x, y):
     return ((x.float() - y.float()).norm() / y.float().norm()).item()
+
+
+def backward_case(S: int, s2: bool, hq: int = 32, hkv: int = 8, d: int = 128):
+    """The backward sweeps' case: random B1 causal bf16 q/k/v/dout of S tokens (S2: block 128, window 2048, sink 128,
+    stride 8, the group's q heads packed), their forward, and a closure that runs the backward alone through
+    tk.attention_backward (the production dispatch) and returns (dq, dk, dv)."""
+    from longreach.kernels.flash import triton as tk
+    from longreach.kernels.s2 import S2Pattern
+    from longreach.kernels.s2.triton import sparse_args
+
+    torch.manual_seed(0)
+    q = torch.randn(S, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(S, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    cu = torch.tensor([0, S], dtype=torch.int32, device="cuda")
+    sp = sparse_args(S2Pattern(128, 2048, 128, 8), hkv, "cuda") if s2 else None
+    pack = hq // hkv if s2 else 1
+    out, lse = tk.attention_forward(q, k, v, cu, cu, S, causal=True, scale=d ** -0.5, out_dtype=q.dtype,
+                                    sparse=sp, pack=pack)
+
+    def run():
+        return tk.attention_backward(do, q, k, v, out, lse, cu, cu, S, S, causal=True, scale=d ** -0.5,
+                                     sparse=sp, pack=pack)
+
+    return run

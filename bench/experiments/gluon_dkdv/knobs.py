@@ -13,32 +13,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, bench, rel  # noqa: E402
+from harness import Rows, backward_case, bench, rel  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
-from longreach.kernels.flash import triton as tk  # noqa: E402
-from longreach.kernels.s2 import S2Pattern  # noqa: E402
-from longreach.kernels.s2.triton import sparse_args  # noqa: E402
 
 rows = Rows(os.environ.get("NAME", "gluon_bwd_knobs"))
-hq, hkv, d = 32, 8, 128
 VARIANTS = os.environ.get("VARIANTS", "0:1,1:1,0:0,1:0").split(",")
 defaults = (gb.DK_RS, gb.PINGPONG_FUSED)
 
 for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     for kind in os.environ.get("KINDS", "dense,s2").split(","):
-        torch.manual_seed(0)
-        q = torch.randn(S, hq, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(S, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        do = torch.randn_like(q)
-        cu = torch.tensor([0, S], dtype=torch.int32, device="cuda")
-        sp = sparse_args(S2Pattern(128, 2048, 128, 8), hkv, "cuda") if kind == "s2" else None
-        pack = hq // hkv if sp is not None else 1
-        out, lse = tk.attention_forward(q, k, v, cu, cu, S, causal=True, scale=d ** -0.5, out_dtype=q.dtype,
-                                        sparse=sp, pack=pack)
-
-        def run():
-            return tk.attention_backward(do, q, k, v, out, lse, cu, cu, S, S, causal=True, scale=d ** -0.5,
-                                         sparse=sp, pack=pack)
+        run = backward_case(S, kind == "s2")
 
         rep = 400 if S < 100000 else 2000
         ref = None

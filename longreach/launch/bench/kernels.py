@@ -1,4 +1,5 @@
-"""``longreach bench kernels``: time our flash and S2 kernels against torch SDPA (cuDNN, flash) and FlexAttention.
+"""``longreach bench kernels``: time our flash and S2 kernels against torch SDPA (cuDNN, flash) and FlexAttention
+(and FlashAttention-4's CuTe kernels where the optional ``flash-attn-4`` package imports: ``fa4_peer``).
 
 Forward and forward+backward, batch 1, causal, bf16, at the given lengths; prints a table and writes JSON.
 FLOPs: causal forward 2*S^2*H*D (half of 4*S^2*H*D), forward+backward 3.5x that; S2 rows count the attended
@@ -77,7 +78,9 @@ def _methods(s: int, hq: int, hkv: int, d: int, pattern, skip: set) -> dict:
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(qt, krep, vrep, is_causal=True)
         m[name] = (f, [qt, krep, vrep], False)
-    if "flex" not in skip:
+    want_fa4 = not {"fa4", "fa4_s2"} <= skip
+    bm_s2 = None
+    if "flex" not in skip or want_fa4:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         # 3 lengths x 2 masks x grad on/off recompile flex_attention 12 times: past dynamo's default limit of 8
@@ -98,7 +101,22 @@ def _methods(s: int, hq: int, hkv: int, d: int, pattern, skip: set) -> dict:
                                   BLOCK_SIZE=pattern.block, _compile=True)
         m["flex"] = (lambda: flex(qt, kt, vt, block_mask=bm_dense, enable_gqa=True), [qt, kt, vt], False)
         m["flex_s2"] = (lambda: flex(qt, kt, vt, block_mask=bm_s2, enable_gqa=True), [qt, kt, vt], True)
+    if want_fa4:  # FlashAttention-4 (optional package), dense and with the same S2 block mask
+        from .fa4_peer import methods as fa4_methods
+
+        m.update(fa4_methods(q, k, v, bm_s2, pattern.block, skip))
     return {k_: v_ for k_, v_ in m.items() if k_ not in skip}
+
+
+def agreement(peer, ours, params: list) -> dict:
+    """A peer's out and grads against ours on the same inputs (relative norms of the differences): that it
+    computes the same attention (the same mask) as the kernel it is timed against."""
+    out_p, out_o = peer(), ours()
+    dout = torch.randn_like(out_o)
+    g_p = torch.autograd.grad(out_p, params, dout.view(out_p.shape))
+    g_o = torch.autograd.grad(out_o, params, dout)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    return {"out": rel(out_p.reshape(out_o.shape), out_o), **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", g_p, g_o)}}
 
 
 def check(device: str = "cuda") -> list[dict]:
@@ -397,7 +415,15 @@ def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, 
         methods = _methods(s, hq, hkv, d, pattern, skip)
         for name, (fwd, params, sparse) in methods.items():
             t0 = time.time()
+            agree = None
             try:
+                ours = methods.get("ours_s2" if sparse else "ours_flash")
+                if name.startswith("fa4") and ours is not None:  # first: the peer against ours (also its compile)
+                    for p in params:
+                        p.requires_grad_(True)
+                    agree = agreement(fwd, ours[0], params)
+                    for p in params:
+                        p.requires_grad_(False)
                 t_f, t_fb = _time_pair(fwd, params, reps_ms)
                 err = None
             except Exception as e:  # a baseline that does not run here is reported, not fatal
@@ -408,10 +434,13 @@ def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, 
                    "fwd_tflops": f / t_f / 1e9 if t_f == t_f else None,
                    "fwdbwd_tflops": 3.5 * f / t_fb / 1e9 if t_fb == t_fb else None,
                    "density": dens if sparse else 1.0, "error": err, "wall_s": time.time() - t0}
+            if agree is not None:
+                row["vs_ours"] = agree
             results.append(row)
             on_row(results)
             print(f"{s:>7} {name:<11} fwd {t_f:9.2f} ms {row['fwd_tflops'] or 0:6.0f} TF/s   "
-                  f"fwd+bwd {t_fb:9.2f} ms {row['fwdbwd_tflops'] or 0:6.0f} TF/s" + (f"  {err}" if err else ""),
+                  f"fwd+bwd {t_fb:9.2f} ms {row['fwdbwd_tflops'] or 0:6.0f} TF/s" + (f"  {err}" if err else "") +
+                  (f"  vs ours {({k_: round(v_, 4) for k_, v_ in agree.items()})}" if agree else ""),
                   flush=True)
         del methods
         torch.cuda.empty_cache()
@@ -446,6 +475,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         report["triton"] = triton.__version__
     except ImportError:
+        pass
+    try:  # the optional FlashAttention-4 peer
+        from importlib.metadata import version
+
+        report["flash_attn_4"] = version("flash-attn-4")
+        report["nvidia_cutlass_dsl"] = version("nvidia-cutlass-dsl")
+    except Exception:
         pass
     if a.check:
         try:

@@ -14,7 +14,9 @@ buffers, freed when both consumers have arrived. Per step and consumer:
     S^T = K_w Q^T, dP^T = V_w dO^T (issued together), P^T = exp2(S^T c - lse2) (while dP^T runs),
     dV_w += P^T dO (issued), dS^T = P^T (dP^T - delta) (while dV runs), dK_w += dS^T Q
 
-with a turn barrier between the consumers (FlashAttention-3's scheduler barrier; off with dq added in, below).
+with a turn barrier between the consumers (FlashAttention-3's scheduler barrier; off with dq added in, below). The
+loader also puts each step's lse2/delta in shared memory (``LSE_SMEM``), which the consumers read in the S^T column
+layout: no global loads and no layout shuffles (partition barriers) in their loop.
 H200, B1 Hq32 Hkv8 D128 causal bf16, delta + dk/dv: dense 32K 28.3 ms (Triton 33.5), 128K 456 ms (Triton 534); S2
 32K 7.6 (Triton 8.6) (bench/results/gluon_dkdv_dev_h200_2026-12-02.json).
 
@@ -64,6 +66,15 @@ PINGPONG_FUSED = 0
 WAIT_DV = 0
 WAIT_DV_FUSED = 1  # with dq added in: dV waited before dS^T (spills 204 -> 108 B; 32K 45.8 vs 51.9 ms)
 DK_RS = 1
+# lse2/delta put in shared memory by the loader warp with each step's q/dout, read by the consumers in the S^T column
+# layout (no global loads and no layout shuffle in the consumers: 4 partition barriers fewer per step, ptxas spills
+# 112 -> 8 B with dq added in). H200, backward alone, 2 rounds (bench/results/gluon_bwd_knobs3_h200_2026-12-03.json):
+# dense 32K 42.1 / 42.6 ms vs 44.5 / 45.8, 128K 719 / 708 vs 713 / 713; S2 32K 11.25 / 11.38 vs 12.12 / 12.51, 128K
+# 109.7 / 109.8 vs 118.5 / 118.0
+LSE_SMEM = 1
+# dQ issued before dK and staged / sent while dK runs (FlashAttention-3's order): slower here (same runs: dense 32K
+# 44.6 / 43.9 with LSE_SMEM, 128K 826 / 811; S2 32K 11.5 / 11.7, 128K 112.8 / 112.6)
+DQ_FIRST = 0
 CONSUMER_REGS = 240
 LOADER_REGS = 24
 
@@ -90,8 +101,8 @@ def _step(it, n_per, lo, head_base, BLOCK_M: gl.constexpr):
 
 @gluon.jit
 def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
-            n_total, n_per, lo, q_start, head_base, k_row, hkv,
-            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+            n_total, n_per, lo, q_start, head_base, k_row, hkv, LSE2, DELTA, stride_lh, q_len, lse_smem, dl_smem,
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, LSE_SMEM: gl.constexpr):
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, [k_row, hkv * HEAD_DIM], kv_bar, k_smem)
     _tma_load(v_desc, [k_row, hkv * HEAD_DIM], kv_bar, v_smem)
@@ -103,15 +114,23 @@ def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [q_start + start, head * HEAD_DIM], bar, q_bufs.index(st))
         _tma_load(do_desc, [q_start + start, head * HEAD_DIM], bar, do_bufs.index(st))
+        if LSE_SMEM:  # this step's lse2/delta into shared memory too (the second arrival on its barrier)
+            ld_l: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+            tok = start + gl.arange(0, BLOCK_M, layout=ld_l)
+            ok = tok < q_len
+            lse_smem.index(st).store(gl.load(LSE2 + head * stride_lh + q_start + tok, mask=ok, other=float("inf")))
+            dl_smem.index(st).store(gl.load(DELTA + head * stride_lh + q_start + tok, mask=ok, other=0.0))
+            _barrier()  # the warp's stores before its one arrive (which releases them)
+            mbarrier.arrive(bar)
 
 
 @gluon.jit
-def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
-              ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh,
+def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, lse_smem, dl_smem, kv_bar, q_ready,
+              q_empty, turn, ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt, stride_dkh,
               stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0, head_base, hkv,
               CAUSAL: gl.constexpr, ACC: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-              DK_RS: gl.constexpr):
+              DK_RS: gl.constexpr, DQ_FIRST: gl.constexpr, LSE_SMEM: gl.constexpr):
     ROWS: gl.constexpr = 64  # keys of this consumer
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     kv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -147,11 +166,15 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
         dpT = warpgroup_mma(v_w, do_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - w))
-        # (lse/delta loaded under the matmuls, not kept live through them: registers)
-        lse_b = gl.load(LSE2 + head * stride_lh + q_start + tok_b, mask=ok_b, other=float("inf"))
-        delta_b = gl.load(DELTA + head * stride_lh + q_start + tok_b, mask=ok_b, other=0.0)
-        sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
-        pT = gl.exp2(sT * qk_scale - gl.expand_dims(gl.convert_layout(lse_b, col_l), 0))
+        if LSE_SMEM:  # the loader put them in shared memory: read in the S^T column layout, no shuffle
+            sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
+            pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse_smem.index(st).load(col_l), 0))
+        else:
+            # (lse/delta loaded under the matmuls, not kept live through them: registers)
+            lse_b = gl.load(LSE2 + head * stride_lh + q_start + tok_b, mask=ok_b, other=float("inf"))
+            delta_b = gl.load(DELTA + head * stride_lh + q_start + tok_b, mask=ok_b, other=0.0)
+            sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
+            pT = gl.exp2(sT * qk_scale - gl.expand_dims(gl.convert_layout(lse_b, col_l), 0))
         masked = kv_partial | (start + BLOCK_M > q_len)
         if CAUSAL:
             masked = masked | (start < jw + ROWS)
@@ -166,7 +189,11 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
             dpT, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dpT, dv))
         else:
             dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
-        dsT = (pT * (dpT - gl.expand_dims(gl.convert_layout(delta_b, col_l), 0))).to(dtype)
+        if LSE_SMEM:
+            delta_c = dl_smem.index(st).load(col_l)
+        else:
+            delta_c = gl.convert_layout(delta_b, col_l)
+        dsT = (pT * (dpT - gl.expand_dims(delta_c, 0))).to(dtype)
         if ATOMIC_DQ:  # dS^T through shared memory; this tile's dQ added into the fp32 DQ by a TMA reduce-add
             # both consumers' dS^T make one [128 keys, 64 q] buffer (double-buffered): consumer w takes dQ's head-dim
             # columns [w D/2, (w+1) D/2) over all 128 keys (FlashAttention-3's split: each dQ element added once)
@@ -176,25 +203,43 @@ def _consumer(w: gl.constexpr, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem
             fence_async_shared()
             _barrier()  # all 128 threads' stores fenced before the one-thread arrive
             mbarrier.arrive(ds_ready.index(it % 2))
-            if DK_RS:  # dS^T from registers (no shared-memory read of it for dK)
-                dk = warpgroup_mma(gl.convert_layout(dsT, a_l), q_s, dk, is_async=True)
-            else:
-                dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
-            mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
             DQ_C: gl.constexpr = HEAD_DIM // 2
             dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, DQ_C, 16])
-            tma.store_wait(0)  # the previous step's reduce-add has read this consumer's fp32 dQ buffer
-            _barrier()
-            dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem.slice(w * DQ_C, DQ_C, dim=1),
-                               gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
-            dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
-            mbarrier.arrive(q_empty.index(st))
             dq_w = dq_smem.index(w)  # fp32 dQ staged in shared memory, out by one reduce-add
-            dq_w.store(dq * sm_scale)
-            fence_async_shared()
-            _barrier()
-            _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + w * DQ_C], dq_w)
+            if DQ_FIRST:  # FlashAttention-3's order: dQ issued before dK, staged and sent while dK runs
+                mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
+                dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem.slice(w * DQ_C, DQ_C, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
+                if DK_RS:
+                    dk = warpgroup_mma(gl.convert_layout(dsT, a_l), q_s, dk, is_async=True)
+                else:
+                    dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
+                dv, dq = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dq))  # (dK may still run)
+                tma.store_wait(0)  # the previous step's reduce-add has read this consumer's fp32 dQ buffer
+                _barrier()
+                dq_w.store(dq * sm_scale)
+                fence_async_shared()
+                _barrier()
+                _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + w * DQ_C], dq_w)
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+                mbarrier.arrive(q_empty.index(st))
+            else:
+                if DK_RS:  # dS^T from registers (no shared-memory read of it for dK)
+                    dk = warpgroup_mma(gl.convert_layout(dsT, a_l), q_s, dk, is_async=True)
+                else:
+                    dk = warpgroup_mma(ds_w, q_s, dk, is_async=True)
+                mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
+                tma.store_wait(0)  # the previous step's reduce-add has read this consumer's fp32 dQ buffer
+                _barrier()
+                dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem.slice(w * DQ_C, DQ_C, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_C], gl.float32, dq_l), use_acc=False, is_async=True)
+                dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+                mbarrier.arrive(q_empty.index(st))
+                dq_w.store(dq * sm_scale)
+                fence_async_shared()
+                _barrier()
+                _tma_reduce_add(dq_desc, [q_start + start, head * HEAD_DIM + w * DQ_C], dq_w)
         else:
             dk = warpgroup_mma(gl.convert_layout(dsT, a_l), q_s, dk, is_async=True)
             dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
@@ -223,7 +268,7 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                     WAIT_DV: gl.constexpr, ATOMIC_DQ: gl.constexpr, CHUNK: gl.constexpr,
-                    DK_RS: gl.constexpr):
+                    DK_RS: gl.constexpr, DQ_FIRST: gl.constexpr, LSE_SMEM: gl.constexpr):
     # kv heads of a tile side by side; first tiles first (for causal they see the most queries)
     pid = gl.program_id(0)
     doc = gl.program_id(1)
@@ -252,6 +297,9 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
         else:
             ds_smem = ds_ready
             dq_smem = ds_ready
+        st_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], st_l)  # (LSE_SMEM: lse2, delta)
+        dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], st_l)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -260,7 +308,7 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_ready.index(i), count=2 if LSE_SMEM else 1)  # (the TMA expect, the loader's lse)
             mbarrier.init(q_empty.index(i), count=2)  # both consumers
         # the q range that sees this KV tile: causal from its first key; S2: the window's q blocks, or all later
         # ones for a sink / on-shard key block
@@ -283,18 +331,21 @@ def _attn_dkdv_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, DK, D
         head_base = hkv * GROUP
         if (not CHUNK) | (n_total > 0):  # a chunk (dk/dv added in): nothing to do for a KV tile that sees none of it
             gl.warp_specialize([
-                (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
+                (_consumer, (0, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, lse_smem, dl_smem, kv_bar, q_ready,
+                             q_empty, turn,
                              ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
                              stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
                              head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
-                             DK_RS)),
-                (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, kv_bar, q_ready, q_empty, turn,
+                             DK_RS, DQ_FIRST, LSE_SMEM)),
+                (_consumer, (1, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, lse_smem, dl_smem, kv_bar, q_ready,
+                             q_empty, turn,
                              ds_ready, LSE2, DELTA, DK, DV, dq_desc, qk_scale, sm_scale, stride_lh, stride_dkt,
                              stride_dkh, stride_dvt, stride_dvh, n_total, n_per, lo, q_start, q_len, k_start, k_len, j0,
                              head_base, hkv, CAUSAL, ACC, HEAD_DIM, BLOCK_M, STAGES, PINGPONG, WAIT_DV, ATOMIC_DQ,
-                             DK_RS)),
+                             DK_RS, DQ_FIRST, LSE_SMEM)),
                 (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_bar, q_ready, q_empty,
-                           n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, HEAD_DIM, BLOCK_M, STAGES)),
+                           n_total, n_per, lo, q_start, head_base, k_start + j0, hkv, LSE2, DELTA, stride_lh, q_len,
+                           lse_smem, dl_smem, HEAD_DIM, BLOCK_M, STAGES, LSE_SMEM)),
             ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -372,6 +423,7 @@ def dkdv_into(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                               PINGPONG=PINGPONG_FUSED if atomic else PINGPONG,
                               CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
                               WAIT_DV=WAIT_DV_FUSED if atomic else WAIT_DV,
-                              ATOMIC_DQ=atomic, CHUNK=q_range is not None, DK_RS=DK_RS, num_warps=4)
+                              ATOMIC_DQ=atomic, CHUNK=q_range is not None, DK_RS=DK_RS,
+                              DQ_FIRST=DQ_FIRST if atomic else 0, LSE_SMEM=LSE_SMEM, num_warps=4)
 
     return launch_guarded(_BROKEN, "dk/dv kernel", launch)

@@ -55,3 +55,18 @@ def backward_case(S: int, s2: bool, hq: int = 32, hkv: int = 8, d: int = 128):
                                      sparse=sp, pack=pack)
 
     return run
+
+
+def alternate(rows: Rows, run, variants, use, rounds: int, rep: int, broken: list, **key):
+    """The sweeps' timing loop: ``rounds`` rounds of every variant in turn (``use(variant)`` sets it up), each
+    variant's backward timed and its grads compared with the first variant's; rows keyed by ``key``, with ``broken``
+    (the kernel module's launch errors)."""
+    ref = None
+    for rnd in range(rounds):
+        for var in variants:
+            use(var)
+            g = run()
+            ref = g if ref is None else ref
+            rows.rec(**key, variant=var, round=rnd, bwd_ms=bench(run, rep=rep),
+                     vs_first=[rel(a, b) for a, b in zip(g, ref)], broken=list(broken))
+            del g

@@ -13,7 +13,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, backward_case, bench, rel  # noqa: E402
+from harness import Rows, alternate, backward_case  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 
 rows = Rows(os.environ.get("NAME", "gluon_bwd_knobs"))
@@ -24,15 +24,10 @@ for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     for kind in os.environ.get("KINDS", "dense,s2").split(","):
         run = backward_case(S, kind == "s2")
 
-        rep = 400 if S < 100000 else 2000
-        ref = None
-        for rnd in range(int(os.environ.get("ROUNDS", "2"))):
-            for var in VARIANTS:
-                gb.DK_RS, gb.PINGPONG_FUSED = (int(x) for x in var.split(":"))
-                g = run()
-                ref = g if ref is None else ref
-                rows.rec(S=S, kind=kind, variant=var, round=rnd, bwd_ms=bench(run, rep=rep),
-                         vs_first=[rel(a, b) for a, b in zip(g, ref)], broken=list(gb._BROKEN))
-                del g
+        def use(var):
+            gb.DK_RS, gb.PINGPONG_FUSED = (int(x) for x in var.split(":"))
+
+        alternate(rows, run, VARIANTS, use, int(os.environ.get("ROUNDS", "2")), 400 if S < 100000 else 2000,
+                  gb._BROKEN, S=S, kind=kind)
         gb.DK_RS, gb.PINGPONG_FUSED = defaults
         torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, backward_case, bench, rel  # noqa: E402
+from harness import Rows, alternate, backward_case  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 from longreach.launch.bench.kernels import check_sm90_backward  # noqa: E402
 
@@ -43,16 +43,8 @@ for var in VARIANTS:
 for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     for kind in os.environ.get("KINDS", "dense,s2").split(","):
         run = backward_case(S, kind == "s2")
-        rep = 400 if S < 100000 else 2000
-        ref = None
-        for rnd in range(int(os.environ.get("ROUNDS", "2"))):
-            for var in VARIANTS:
-                use(var)
-                g = run()
-                ref = g if ref is None else ref
-                rows.rec(S=S, kind=kind, variant=var, round=rnd, bwd_ms=bench(run, rep=rep),
-                         vs_first=[rel(a, b) for a, b in zip(g, ref)], broken=list(gb._BROKEN))
-                del g
+        alternate(rows, run, VARIANTS, use, int(os.environ.get("ROUNDS", "2")), 400 if S < 100000 else 2000,
+                  gb._BROKEN, S=S, kind=kind)
         use(VARIANTS[0])
         torch.cuda.empty_cache()
 for k, x in defaults.items():

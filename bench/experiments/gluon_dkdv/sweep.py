@@ -11,7 +11,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, backward_case, bench, rel  # noqa: E402
+from harness import Rows, alternate, backward_case  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 from longreach.kernels.flash import triton as tk  # noqa: E402
 
@@ -40,16 +40,8 @@ for S in [int(x) for x in os.environ.get("LENS", "32768").split(",")]:
     for s2 in [bool(int(x)) for x in os.environ.get("S2", "0").split(",")]:
         run = backward_case(S, s2)
 
-        rep = 100 if S < 100000 else 30
-        ref = None
-        for rnd in range(int(os.environ.get("ROUNDS", "1"))):
-            for var in VARIANTS:
-                setv(var)
-                g = run()
-                ref = g if ref is None else ref
-                rows.rec(S=S, s2=s2, variant=var, round=rnd, bwd_ms=bench(run, rep=rep),
-                         vs_first=[rel(a, b) for a, b in zip(g, ref)], broken=list(gb._BROKEN))
-                del g
+        alternate(rows, run, VARIANTS, setv, int(os.environ.get("ROUNDS", "1")), 100 if S < 100000 else 30,
+                  gb._BROKEN, S=S, s2=s2)
         tk.OVERRIDE.clear()
         for n, x in zip(NAMES, DEFAULTS):
             setattr(gb, n, x)

@@ -12,7 +12,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, backward_case, bench, rel  # noqa: E402
+from harness import Rows, alternate, backward_case  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 from longreach.kernels.flash import triton as tk  # noqa: E402
 
@@ -22,17 +22,12 @@ VARIANTS = os.environ.get("VARIANTS", "1:0,0:0,1:2048,1:4096,1:8192,1:16384").sp
 for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     run = backward_case(S, True)
 
-    rep = 100 if S < 100000 else 40
-    ref = None
-    for rnd in range(int(os.environ.get("ROUNDS", "2"))):
-        for var in VARIANTS:
-            fused, chunk = (int(x) for x in var.split(":"))
-            tk.OVERRIDE.clear()
-            tk.OVERRIDE.update(gluon_bwd=True, gluon_atomic_dq=bool(fused), s2_chunk=chunk or None)
-            g = run()
-            ref = g if ref is None else ref
-            rows.rec(S=S, variant=var, round=rnd, bwd_ms=bench(run, rep=rep),
-                     vs_first=[rel(a, b) for a, b in zip(g, ref)], broken=list(gb._BROKEN))
-            del g
+    def use(var):
+        fused, chunk = (int(x) for x in var.split(":"))
+        tk.OVERRIDE.clear()
+        tk.OVERRIDE.update(gluon_bwd=True, gluon_atomic_dq=bool(fused), s2_chunk=chunk or None)
+
+    alternate(rows, run, VARIANTS, use, int(os.environ.get("ROUNDS", "2")), 100 if S < 100000 else 40, gb._BROKEN,
+              S=S)
     tk.OVERRIDE.clear()
     torch.cuda.empty_cache()

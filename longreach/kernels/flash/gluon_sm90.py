@@ -55,6 +55,11 @@ HEAD_DIMS = (64, 128)
 # (the CTAs of a GQA group drift apart over 248 rounds and stop sharing K/V in L2), so dense keeps one CTA per item
 PERSIST = {False: False, True: True}
 OVERRIDE_PERSIST: dict = {}  # experiments and checks: {sparse: bool}
+# the consumers' turn barrier as hardware named barriers 12/13 (_turn_wait), else mbarriers (a one-thread mbarrier
+# arrive needs a warpgroup-wide BAR.SYNC first: Nsight Compute put 17% of one consumer's samples there). H200, 3 rounds
+# alternated, outputs identical (bench/results/gluon_fwd_knobs_namedturn_h200_2026-12-03.json): S2 128K 37.5-37.7 vs
+# 37.9-38.2 ms, dense 128K 236.1-236.7 vs 236.4-237.6, 32K within noise; dense 128K fwd+bwd 934 / 952 vs 954 / 975
+NAMED_TURN = 1
 
 
 @gluon.jit
@@ -183,6 +188,39 @@ def _softmax(qk, m_i, l_i, masked, start, tok, offs_n, k_len, qk_scale, CAUSAL: 
 
 
 @gluon.jit
+def _bar(asm: gl.constexpr):
+    # one PTX barrier instruction executed by every thread of this warpgroup (a [128] tensor, one element each)
+    gl.inline_asm_elementwise(asm, "=r,r", [gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _turn_wait(turn, w: gl.constexpr, t, NAMED: gl.constexpr):
+    """Wait until this consumer may issue its turn t's wgmmas. NAMED: FlashAttention-3's scheduler barrier, hardware
+    named barriers 12 / 13 of 256 threads (this warpgroup's bar.sync + the other's bar.arrive): every thread arrives
+    itself, so no warpgroup-wide sync precedes the arrive as it does before a one-thread mbarrier arrive."""
+    if NAMED:
+        if w == 0:
+            _bar("bar.sync 12, 256; mov.u32 $0, 0;")
+        else:
+            _bar("bar.sync 13, 256; mov.u32 $0, 0;")
+    else:
+        _my_turn(turn, w, t)
+
+
+@gluon.jit
+def _turn_done(turn, w: gl.constexpr, NAMED: gl.constexpr):
+    # this consumer has issued its turn's wgmmas: the other's turn
+    if NAMED:
+        if w == 0:
+            _bar("bar.arrive 13, 256; mov.u32 $0, 0;")
+        else:
+            _bar("bar.arrive 12, 256; mov.u32 $0, 0;")
+    else:
+        mbarrier.arrive(turn.index(1 - w))
+
+
+@gluon.jit
 def _my_turn(turn, w: gl.constexpr, t):
     # consumer 0 issues step t's wgmmas after consumer 1 has issued step t-1's; consumer 1 after consumer 0 step t's
     if w == 0:
@@ -197,7 +235,9 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready,
               n_items, pid, n_prog, qk_scale,
               GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              ACC: gl.constexpr):
+              ACC: gl.constexpr, NAMED: gl.constexpr):
+    if NAMED and w == 1:  # consumer 0's first turn (its bar.sync count needs 256: this warpgroup's 128 arrive now)
+        _bar("bar.arrive 12, 256; mov.u32 $0, 0;")
     kc = 0  # K/V ring position and Q tiles seen, as the loader and the other consumer count them; turns taken: kc + nt
     nt = 0
     for r in range(gl.cdiv(n_items, n_prog)):  # (the snake: every CTA takes every round)
@@ -210,12 +250,14 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready,
                 _tile_body(w, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                            stride_oh, stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink,
                            n_shard, first, s, sp_block, qk_scale, kc, kc + nt, nt, CAUSAL, SPARSE, HEAD_DIM,
-                           BLOCK_N, STAGES, PACK, ACC)
+                           BLOCK_N, STAGES, PACK, ACC, NAMED)
                 kc += n_iter
                 nt += 1
             else:
                 if not ACC:  # a q tile with no key to see (an empty kv document): out 0, lse -inf
                     _empty_tile(w, O, LSE, stride_ot, stride_oh, stride_lh, hp, q_start, q_len, i0, HEAD_DIM, PACK)
+    if NAMED and w == 0:  # consumer 1's last arrive on 12 (one more than consumer 0's turns): leave no barrier half-met
+        _bar("bar.sync 12, 256; mov.u32 $0, 0;")
 
 
 @gluon.jit
@@ -240,7 +282,7 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
                stride_oh, stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
                first, s, sp_block, qk_scale, kc, tc, nt,
                CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr):
+               STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr):
     # one tile (n_iter >= 1): kc = K/V ring position of its first tile, tc = turns before it, nt = Q tiles before it
     ROWS: gl.constexpr = 64
     TOK: gl.constexpr = 128 // PACK
@@ -261,10 +303,10 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
     # step 0's S alone; then each step issues S(u) and O += P(u-1) V(u-1) together, runs the softmax of S(u) while
     # P V runs, and rescales O only after both are done (nothing writes an accumulator while a wgmma is in flight)
     mbarrier.wait(kv_ready.index(kc % STAGES), (kc // STAGES) & 1)
-    _my_turn(turn, w, tc)
+    _turn_wait(turn, w, tc, NAMED)
     qk_tok = warpgroup_mma(q_w, k_bufs.index(kc % STAGES).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
-    mbarrier.arrive(turn.index(1 - w))
+    _turn_done(turn, w, NAMED)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
     start = _tile_start(0, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
     p, m_i, alpha, l_i = _softmax(qk, m_i, l_i, 0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
@@ -275,11 +317,11 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
         sp_ = (g - 1) % STAGES
         start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
         mbarrier.wait(kv_ready.index(su), (g // STAGES) & 1)
-        _my_turn(turn, w, tc + u)
+        _turn_wait(turn, w, tc + u, NAMED)
         qk_tok = warpgroup_mma(q_w, k_bufs.index(su).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
                                use_acc=False, is_async=True)
         acc_tok = warpgroup_mma(p16, v_bufs.index(sp_), acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - w))
+        _turn_done(turn, w, NAMED)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok, ))
         p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, u >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
@@ -289,9 +331,9 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
         m_i = m_new
     mbarrier.arrive(q_empty)  # every S = Q K^T of this tile is done: the loader may bring the next tile's Q
     last = (kc + n_iter - 1) % STAGES
-    _my_turn(turn, w, tc + n_iter)
+    _turn_wait(turn, w, tc + n_iter, NAMED)
     acc = warpgroup_mma(p16, v_bufs.index(last), acc)
-    mbarrier.arrive(turn.index(1 - w))
+    _turn_done(turn, w, NAMED)
     mbarrier.arrive(kv_empty.index(last))
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
@@ -328,7 +370,7 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
                    sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS,
                    GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ACC: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr):
     # work items (q tile, head group, document) heaviest first; one per CTA, or (persistent: a grid of fewer CTAs
     # than items) a snake of them per CTA, the next tile's Q and K/V loaded under this one's last steps and epilogue
     pid = gl.program_id(0)
@@ -355,11 +397,11 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
         (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                      stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
                      N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, ACC)),
+                     STAGES, ACC, NAMED)),
         (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                      stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
                      N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, ACC)),
+                     STAGES, ACC, NAMED)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, CU_Q, CU_K,
                    DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS, n_items, pid, n_prog,
                    GROUP, PACK, CAUSAL, SPARSE, BLOCK_M, BLOCK_N, STAGES, HEAD_DIM)),
@@ -449,7 +491,7 @@ def attention_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0), out.stride(1),
         lse.stride(0), *sp, n_tiles, n_hp, n_docs, GROUP=hq // hkv, PACK=pack, CAUSAL=causal, SPARSE=sparse,
         HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
-        LOADER_REGS=LOADER_REGS, ACC=accumulate, num_warps=4))
+        LOADER_REGS=LOADER_REGS, ACC=accumulate, NAMED=NAMED_TURN, num_warps=4))
 
 
 _SMS: dict = {}

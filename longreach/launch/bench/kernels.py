@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import platform
+import statistics
 import time
 from typing import Callable, Optional
 
@@ -405,20 +406,45 @@ def check_sm90_backward(device: str = "cuda") -> list[dict]:
     return rows
 
 
+def _median_rows(rows: list[dict]) -> list[dict]:
+    """One row per method: the median over its rounds of each time (``round`` = "median")."""
+    out = []
+    for name in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == name]
+        row = {**rs[0], "round": "median", "rounds": len(rs)}
+        for k in ("fwd_ms", "fwdbwd_ms"):
+            row[k] = statistics.median(r[k] for r in rs)
+        f = rs[0]["fwd_tflops"] * rs[0]["fwd_ms"] if rs[0]["fwd_tflops"] else None  # flops / 1e9
+        row["fwd_tflops"] = f / row["fwd_ms"] if f and row["fwd_ms"] == row["fwd_ms"] else None
+        row["fwdbwd_tflops"] = 3.5 * f / row["fwdbwd_ms"] if f and row["fwdbwd_ms"] == row["fwdbwd_ms"] else None
+        row.pop("vs_ours", None)
+        out.append(row)
+    return out
+
+
+def _print_row(s: int, name: str, t_f: float, t_fb: float, row: dict, tag: str = "") -> None:
+    print(f"{s:>7} {name:<11} fwd {t_f:9.2f} ms {row['fwd_tflops'] or 0:6.0f} TF/s   "
+          f"fwd+bwd {t_fb:9.2f} ms {row['fwdbwd_tflops'] or 0:6.0f} TF/s{tag}", flush=True)
+
+
 def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, pattern,
-        on_row: Callable[[list], None] = lambda rows: None) -> list[dict]:
-    """Time every method at every length; ``on_row(results)`` after each row (the JSON is written as we go)."""
+        on_row: Callable[[list], None] = lambda rows: None, rounds: int = 1) -> list[dict]:
+    """Time every method at every length; ``on_row(results)`` after each row (the JSON is written as we go).
+    ``rounds`` > 1: the methods one after another, that many times over (a power-capped GPU's clock drifts over a
+    run; alternating compares the methods at the same clocks), then a median row per method."""
     results = []
     for s in seqlens:
         flops_fwd = 2.0 * s * s * hq * d  # causal: half of 4*S^2*H*D
         dens = pattern.density(s, hkv)
         methods = _methods(s, hq, hkv, d, pattern, skip)
-        for name, (fwd, params, sparse) in methods.items():
+        this_len = []
+        for rnd, name in ((r, n) for r in range(rounds) for n in methods):
+            fwd, params, sparse = methods[name]
             t0 = time.time()
             agree = None
             try:
                 ours = methods.get("ours_s2" if sparse else "ours_flash")
-                if name.startswith("fa4") and ours is not None:  # first: the peer against ours (also its compile)
+                if rnd == 0 and name.startswith("fa4") and ours is not None:  # the peer against ours (and compile)
                     for p in params:
                         p.requires_grad_(True)
                     agree = agreement(fwd, ours[0], params)
@@ -436,12 +462,18 @@ def run(seqlens: list[int], hq: int, hkv: int, d: int, reps_ms: int, skip: set, 
                    "density": dens if sparse else 1.0, "error": err, "wall_s": time.time() - t0}
             if agree is not None:
                 row["vs_ours"] = agree
+            if rounds > 1:
+                row["round"] = rnd
             results.append(row)
+            this_len.append(row)
             on_row(results)
-            print(f"{s:>7} {name:<11} fwd {t_f:9.2f} ms {row['fwd_tflops'] or 0:6.0f} TF/s   "
-                  f"fwd+bwd {t_fb:9.2f} ms {row['fwdbwd_tflops'] or 0:6.0f} TF/s" + (f"  {err}" if err else "") +
-                  (f"  vs ours {({k_: round(v_, 4) for k_, v_ in agree.items()})}" if agree else ""),
-                  flush=True)
+            _print_row(s, name, t_f, t_fb, row, (f"  {err}" if err else "") + (f"  round {rnd}" if rounds > 1 else "") +
+                       (f"  vs ours {({k_: round(v_, 4) for k_, v_ in agree.items()})}" if agree else ""))
+        if rounds > 1:
+            for row in _median_rows(this_len):
+                results.append(row)
+                _print_row(s, row["method"], row["fwd_ms"], row["fwdbwd_ms"], row, f"  median of {rounds} rounds")
+            on_row(results)
         del methods
         torch.cuda.empty_cache()
     return results
@@ -457,6 +489,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps-ms", type=int, default=200, help="timed milliseconds per measurement (median)")
     ap.add_argument("--skip", nargs="*", default=[], help="methods to skip (e.g. flex sdpa_flash)")
+    ap.add_argument("--rounds", type=int, default=1, help="time the methods in turn this many times (median row)")
     ap.add_argument("--check", action="store_true", help="first compare the kernels with an fp32 reference")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--block", type=int, default=128)
@@ -499,7 +532,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             json.dump(report, f, indent=1, default=str)
 
     if not a.no_bench:
-        run(a.seqlens, a.heads, a.kv_heads, a.head_dim, a.reps_ms, set(a.skip), pattern, on_row=write)
+        if a.rounds < 1:
+            raise SystemExit(f"--rounds must be at least 1 (got {a.rounds})")
+        run(a.seqlens, a.heads, a.kv_heads, a.head_dim, a.reps_ms, set(a.skip), pattern, on_row=write,
+            rounds=a.rounds)
     write()
     print(f"wrote {a.json}")
     return 0

@@ -32,6 +32,43 @@ def rel(x, y):
     return ((x.float() - y.float()).norm() / y.float().norm()).item()
 
 
+def knob_variants(module, spec: str):
+    """``spec`` = "K=1:J=0,K=0:J=0" (variants of a kernel module's integer constants, read at launch) -> (variant
+    strings, use), ``use(variant)`` setting those constants on ``module`` (the ones a variant leaves out at their
+    values from before; ``use(None)`` restores them all)."""
+    variants = spec.split(",")
+    parse = lambda v: {kv.split("=")[0]: int(kv.split("=")[1]) for kv in v.split(":")}  # noqa: E731
+    defaults = {k: getattr(module, k) for k in sorted({k for v in variants for k in parse(v)})}
+
+    def use(var):
+        for k, x in {**defaults, **(parse(var) if var is not None else {})}.items():
+            setattr(module, k, x)
+
+    return variants, use
+
+
+def forward_case(S: int, s2: bool, hq: int = 32, hkv: int = 8, d: int = 128):
+    """The forward sweeps' case: random B1 causal bf16 q/k/v of S tokens (S2: block 128, window 2048, sink 128,
+    stride 8) and a closure ``run(pack=None)`` -> (out, lse) through tk.attention_forward (the production dispatch;
+    S2's pack defaults to the GQA group)."""
+    from longreach.kernels.flash import triton as tk
+    from longreach.kernels.s2 import S2Pattern
+    from longreach.kernels.s2.triton import sparse_args
+
+    torch.manual_seed(0)
+    q = torch.randn(S, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(S, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, S], dtype=torch.int32, device="cuda")
+    sp = sparse_args(S2Pattern(128, 2048, 128, 8), hkv, "cuda") if s2 else None
+
+    def run(pack=None):
+        pack = pack if pack is not None else (hq // hkv if s2 else 1)
+        return tk.attention_forward(q, k, v, cu, cu, S, causal=True, scale=d ** -0.5, out_dtype=q.dtype, sparse=sp,
+                                    pack=pack)
+
+    return run
+
+
 def backward_case(S: int, s2: bool, hq: int = 32, hkv: int = 8, d: int = 128):
     """The backward sweeps' case: random B1 causal bf16 q/k/v/dout of S tokens (S2: block 128, window 2048, sink 128,
     stride 8, the group's q heads packed), their forward, and a closure that runs the backward alone through

@@ -15,22 +15,13 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, alternate, backward_case  # noqa: E402
+from harness import Rows, alternate, backward_case, knob_variants  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 from longreach.launch.bench.kernels import check_sm90_backward  # noqa: E402
 
 rows = Rows(os.environ.get("NAME", "gluon_bwd_knobs3"))
-VARIANTS = os.environ.get("VARIANTS", "DQ_FIRST=0:LSE_SMEM=0,DQ_FIRST=0:LSE_SMEM=1,DQ_FIRST=1:LSE_SMEM=0,"
-                          "DQ_FIRST=1:LSE_SMEM=1").split(",")
-parse = lambda v: {kv.split("=")[0]: int(kv.split("=")[1]) for kv in v.split(":")}  # noqa: E731
-knobs = sorted({k for v in VARIANTS for k in parse(v)})
-defaults = {k: getattr(gb, k) for k in knobs}
-
-
-def use(var):
-    for k, x in {**defaults, **parse(var)}.items():
-        setattr(gb, k, x)
-
+VARIANTS, use = knob_variants(gb, os.environ.get("VARIANTS", "DQ_FIRST=0:LSE_SMEM=0,DQ_FIRST=0:LSE_SMEM=1,"
+                                                 "DQ_FIRST=1:LSE_SMEM=0,DQ_FIRST=1:LSE_SMEM=1"))
 
 for var in VARIANTS:
     use(var)
@@ -47,5 +38,4 @@ for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
                   gb._BROKEN, S=S, kind=kind)
         use(VARIANTS[0])
         torch.cuda.empty_cache()
-for k, x in defaults.items():
-    setattr(gb, k, x)
+use(None)

@@ -95,8 +95,8 @@ def test_compiles_for_sm90_without_spills(tmp_path):
 
 @pytest.mark.parametrize("ring,s2", [(False, False), (True, False), (False, True), (True, True)])
 def test_fused_dq_chunks_cover_each_q_row_once(monkeypatch, ring, s2):
-    """The host side of the fused-dq backward on a long sequence (dense: chunks of FUSED_DQ_MAX_BYTES of fp32 dq;
-    S2: of S2_BWD_CHUNK rows): q rows in chunks (one dkdv_into each), dk/dv summed in fp32 and copied out, dq added
+    """The host side of the fused-dq backward on a long sequence (dense, past FUSED_DQ_MAX_BYTES of fp32 dq: chunks
+    of FUSED_DQ_CHUNK_BYTES; S2: of S2_BWD_CHUNK rows): q rows in chunks (one dkdv_into each), dk/dv summed in fp32 and copied out, dq added
     into its fp32 buffer. A stand-in dkdv_into adds the exact (fp64 reference) gradients of its chunk's q rows, so
     the sum over the chunks equals the whole only if the chunks tile [0, T)."""
     from longreach.kernels.flash import reference as ref
@@ -147,7 +147,8 @@ def test_fused_dq_chunks_cover_each_q_row_once(monkeypatch, ring, s2):
         monkeypatch.setattr(tk, "S2_BWD_CHUNK", 128)
         monkeypatch.setattr(tk, "S2_BWD_CHUNK_FROM", 256)
     else:
-        monkeypatch.setattr(tk, "FUSED_DQ_MAX_BYTES", 128 * hq * d * 4)  # chunks of 128 q rows
+        monkeypatch.setattr(tk, "FUSED_DQ_MAX_BYTES", 256 * hq * d * 4)  # one launch up to 256 q rows
+        monkeypatch.setattr(tk, "FUSED_DQ_CHUNK_BYTES", 128 * hq * d * 4)  # past that, chunks of 128
     out = torch.zeros_like(q)
     lse = torch.zeros(hq, t)
     acc = tuple(torch.full(x.shape, 0.5) for x in (q, k, v)) if ring else None

@@ -609,12 +609,16 @@ GLUON_BWD = True
 # FlashAttention-3's split of dq's columns between the two consumers). H200 backward, dense: 8K 3.02 vs 3.21 ms
 # (Gluon dk/dv + Triton dq), 32K 45.2 vs 48.9; one launch over 128K 943 vs 787: the reduce-adds miss L2 (with a plain
 # dq store 850, without dq 655; bench/results/gluon_bwd_sweep_dqout_h200_2026-12-02.json). So a sequence whose fp32
-# dq exceeds FUSED_DQ_MAX_BYTES runs its q rows in chunks of that size, one launch each, dk/dv summed in fp32: the
-# CTAs of a launch sweep the same q rows together (128K 718 vs 783 ms; 2^28 B 715, 2^30 831;
-# gluon_bwd_sweep_chunk_h200_2026-12-02.json). S2 gains nothing there (128K 143 vs 134): long S2 keeps the Triton dq.
+# dq exceeds FUSED_DQ_MAX_BYTES runs its q rows in chunks of FUSED_DQ_CHUNK_BYTES (at most FUSED_DQ_MAX_BYTES), one
+# launch each, dk/dv summed in fp32: the CTAs of a launch sweep the same q rows together (128K 718 vs 783 ms;
+# gluon_bwd_sweep_chunk_h200_2026-12-02.json). Dense 128K forward+backward by chunk, three fresh processes, rounds
+# alternated (bench/results/gluon_bwd_proc_var_h200_2026-12-04.json): 2^27 B (8K rows) 921-938 ms, 2^28 966-998,
+# 2^29 1018-1057, cuDNN 915-918 in the same processes. At 32K one launch (no gain from chunks there, 46.1-47.4 vs
+# 46.5-47.9 ms, gluon_bwd_sweep_dense32k_chunks_h200_2026-12-03.json). S2 has its own chunks (S2_BWD_CHUNK below).
 # OVERRIDE["gluon_atomic_dq"] True/False forces the fused dq on/off. (Register atomics instead: 83 ms at 32K.)
 GLUON_ATOMIC_DQ = True
-FUSED_DQ_MAX_BYTES = 1 << 29  # 32K tokens x 32 heads x D 128
+FUSED_DQ_MAX_BYTES = 1 << 29  # one launch up to this much fp32 dq: 32K tokens x 32 heads x D 128
+FUSED_DQ_CHUNK_BYTES = 1 << 27  # longer: chunks of this much fp32 dq (8K tokens x 32 heads x D 128)
 FUSED_DQ_CHUNKS = True  # longer (dense): q chunks as above; False: the Triton dq kernel
 # S2 from S2_BWD_CHUNK_FROM q rows on: the fused-dq dk/dv pass in q chunks of S2_BWD_CHUNK rows, one launch each,
 # dk/dv summed in fp32, so that the CTAs running together read the same q/dout rows from L2 and add into the same dq
@@ -838,9 +842,9 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if gb is not None:  # delta (+ lse2) and dk/dv by the Gluon kernels, once, outside go() (accumulate mode)
         delta, lse2 = gb.prep(do_in, out, lse)
         g_dq = None
-        # q rows per launch: all, or (long sequences) chunks whose fp32 dq fits FUSED_DQ_MAX_BYTES
-        chunk = max(128, FUSED_DQ_MAX_BYTES // (hq * d * 4) // 128 * 128)
-        long = max_q > chunk
+        # q rows per launch: all, or (fp32 dq past FUSED_DQ_MAX_BYTES) chunks of FUSED_DQ_CHUNK_BYTES of fp32 dq
+        long = max_q > max(128, FUSED_DQ_MAX_BYTES // (hq * d * 4) // 128 * 128)
+        chunk = max(128, min(FUSED_DQ_CHUNK_BYTES, FUSED_DQ_MAX_BYTES) // (hq * d * 4) // 128 * 128)
         s2_chunk = OVERRIDE.get("s2_chunk", S2_BWD_CHUNK if max_q >= S2_BWD_CHUNK_FROM else 0) if is_sparse else 0
         fused = OVERRIDE.get("gluon_atomic_dq", GLUON_ATOMIC_DQ and (not long or s2_chunk > 0 or
                                                                      (FUSED_DQ_CHUNKS and not is_sparse)))

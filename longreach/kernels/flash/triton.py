@@ -612,8 +612,9 @@ GLUON_BWD = True
 # dq exceeds FUSED_DQ_MAX_BYTES runs its q rows in chunks of FUSED_DQ_CHUNK_BYTES (at most FUSED_DQ_MAX_BYTES), one
 # launch each, dk/dv summed in fp32: the CTAs of a launch sweep the same q rows together (128K 718 vs 783 ms;
 # gluon_bwd_sweep_chunk_h200_2026-12-02.json). Dense 128K forward+backward by chunk, three fresh processes, rounds
-# alternated (bench/results/gluon_bwd_proc_var_{0,1,2}_h200_2026-12-04.json): 2^27 B (8K rows) 921-938 ms, 2^28 966-998,
-# 2^29 1018-1057, cuDNN 915-918 in the same processes (2^25 / 2^26 930 / 919: _3_ there). At 32K one launch (no gain from chunks there, 46.1-47.4 vs
+# alternated (bench/results/gluon_bwd_proc_var_{0,1,2}_h200_2026-12-04.json): 2^27 B (8K rows) 921-938 ms,
+# 2^28 966-998, 2^29 1018-1057, cuDNN 915-918 in the same processes; smaller chunks no better (2^25 930, 2^26 919:
+# gluon_bwd_proc_var_3_h200_2026-12-04.json). At 32K one launch (no gain from chunks there, 46.1-47.4 vs
 # 46.5-47.9 ms, gluon_bwd_sweep_dense32k_chunks_h200_2026-12-03.json). S2 has its own chunks (S2_BWD_CHUNK below).
 # OVERRIDE["gluon_atomic_dq"] True/False forces the fused dq on/off. (Register atomics instead: 83 ms at 32K.)
 GLUON_ATOMIC_DQ = True

@@ -10,9 +10,10 @@ Why a second forward: Triton 3.6 cannot warp-specialise this loop on Hopper, and
 (bench/experiments/gluon_fwd/README.md). Per CTA a tile of 128 q rows, split between two consumer warpgroups (64
 rows each, separate partitions with 240 registers each) and one TMA loader warp that streams K/V tiles into a ring
 of ``STAGES`` shared-memory buffers; a buffer is freed when both consumers have arrived on its "empty" barrier.
-Inside a consumer, FlashAttention-3's intra-warpgroup order: S(t) = Q K_t^T and O += P(t-1) V(t-1) are issued
-together and the softmax of S(t) runs while P V does; between the two consumers a turn barrier orders the wgmma
-issues (FlashAttention-3's scheduler barrier), so one's softmax runs under the other's matmuls.
+Inside a consumer, Q sits in registers (``Q_RS``) and FlashAttention-3's intra-warpgroup order holds: S(t) = Q K_t^T
+and O += P(t-1) V(t-1) are issued together and the softmax of S(t) runs while P V does; between the two consumers a
+turn barrier orders the wgmma issues (FlashAttention-3's scheduler barrier), so one's softmax runs under the other's
+matmuls.
 
 Work items (q tile, head group, document) are sorted heaviest first; a CTA takes one, or (``PERSIST``, S2) one CTA
 per SM walks a snake of them, its loader fetching the next tile's Q (once both consumers' last S = Q K^T is done:
@@ -60,6 +61,14 @@ OVERRIDE_PERSIST: dict = {}  # experiments and checks: {sparse: bool}
 # alternated, outputs identical (bench/results/gluon_fwd_knobs_namedturn_h200_2026-12-03.json): S2 128K 37.5-37.7 vs
 # 37.9-38.2 ms, dense 128K 236.1-236.7 vs 236.4-237.6, 32K within noise; dense 128K fwd+bwd 934 / 952 vs 954 / 975
 NAMED_TURN = 1
+# Q as the register (A) operand of S = Q K^T, loaded from shared memory once per tile (its buffer then freed for the
+# next tile's Q at once), instead of read from shared memory by every step's wgmma (FlashAttention-3 keeps it there).
+# H200, 3 rounds alternated in one process, outputs identical, on two machines (bench/results/
+# gluon_fwd_knobs_qrs012_h200_2026-12-04.json, gluon_fwd_knobs_qrs_h200_2026-12-04.json): S2 128K 37.0-37.2 vs
+# 38.1-38.3 ms (36.8-36.9 vs 37.9-38.0), dense 128K 236.6-238.9 vs 238.9-240.2 (233.5-234.2 vs 236.5-237.3), 32K within
+# 1% or better. Keeping the masked tiles' column indices from being hoisted out of the K/V loop as well made S2 128K
+# 36.8 but dense 128K 246-248: not kept
+Q_RS = 1
 
 
 @gluon.jit
@@ -235,7 +244,7 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready,
               n_items, pid, n_prog, qk_scale,
               GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              ACC: gl.constexpr, NAMED: gl.constexpr):
+              ACC: gl.constexpr, NAMED: gl.constexpr, QRS: gl.constexpr):
     if NAMED and w == 1:  # consumer 0's first turn (its bar.sync count needs 256: this warpgroup's 128 arrive now)
         _bar("bar.arrive 12, 256; mov.u32 $0, 0;")
     kc = 0  # K/V ring position and Q tiles seen, as the loader and the other consumer count them; turns taken: kc + nt
@@ -250,7 +259,7 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready,
                 _tile_body(w, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                            stride_oh, stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink,
                            n_shard, first, s, sp_block, qk_scale, kc, kc + nt, nt, CAUSAL, SPARSE, HEAD_DIM,
-                           BLOCK_N, STAGES, PACK, ACC, NAMED)
+                           BLOCK_N, STAGES, PACK, ACC, NAMED, QRS)
                 kc += n_iter
                 nt += 1
             else:
@@ -282,7 +291,8 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
                stride_oh, stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink, n_shard,
                first, s, sp_block, qk_scale, kc, tc, nt,
                CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr):
+               STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr,
+               QRS: gl.constexpr):
     # one tile (n_iter >= 1): kc = K/V ring position of its first tile, tc = turns before it, nt = Q tiles before it
     ROWS: gl.constexpr = 64
     TOK: gl.constexpr = 128 // PACK
@@ -300,11 +310,16 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
     l_i = gl.zeros([ROWS], gl.float32, row_l)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_l)
     mbarrier.wait(q_bar, nt & 1)
+    if QRS:
+        q_op = q_w.load(gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+        mbarrier.arrive(q_empty)  # Q is in registers: the loader may bring the next tile's
+    else:
+        q_op = q_w
     # step 0's S alone; then each step issues S(u) and O += P(u-1) V(u-1) together, runs the softmax of S(u) while
     # P V runs, and rescales O only after both are done (nothing writes an accumulator while a wgmma is in flight)
     mbarrier.wait(kv_ready.index(kc % STAGES), (kc // STAGES) & 1)
     _turn_wait(turn, w, tc, NAMED)
-    qk_tok = warpgroup_mma(q_w, k_bufs.index(kc % STAGES).permute((1, 0)),
+    qk_tok = warpgroup_mma(q_op, k_bufs.index(kc % STAGES).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
     _turn_done(turn, w, NAMED)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
@@ -318,7 +333,7 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
         start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
         mbarrier.wait(kv_ready.index(su), (g // STAGES) & 1)
         _turn_wait(turn, w, tc + u, NAMED)
-        qk_tok = warpgroup_mma(q_w, k_bufs.index(su).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
+        qk_tok = warpgroup_mma(q_op, k_bufs.index(su).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
                                use_acc=False, is_async=True)
         acc_tok = warpgroup_mma(p16, v_bufs.index(sp_), acc, is_async=True)
         _turn_done(turn, w, NAMED)
@@ -329,7 +344,8 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
         p16 = gl.convert_layout(p.to(dtype), p_l)
         m_i = m_new
-    mbarrier.arrive(q_empty)  # every S = Q K^T of this tile is done: the loader may bring the next tile's Q
+    if not QRS:
+        mbarrier.arrive(q_empty)  # every S = Q K^T of this tile is done: the loader may bring the next tile's Q
     last = (kc + n_iter - 1) % STAGES
     _turn_wait(turn, w, tc + n_iter, NAMED)
     acc = warpgroup_mma(p16, v_bufs.index(last), acc)
@@ -370,7 +386,8 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
                    sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS,
                    GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr,
+                   QRS: gl.constexpr):
     # work items (q tile, head group, document) heaviest first; one per CTA, or (persistent: a grid of fewer CTAs
     # than items) a snake of them per CTA, the next tile's Q and K/V loaded under this one's last steps and epilogue
     pid = gl.program_id(0)
@@ -397,11 +414,11 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
         (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                      stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
                      N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, ACC, NAMED)),
+                     STAGES, ACC, NAMED, QRS)),
         (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                      stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
                      N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, ACC, NAMED)),
+                     STAGES, ACC, NAMED, QRS)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, CU_Q, CU_K,
                    DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS, n_items, pid, n_prog,
                    GROUP, PACK, CAUSAL, SPARSE, BLOCK_M, BLOCK_N, STAGES, HEAD_DIM)),
@@ -491,7 +508,7 @@ def attention_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0), out.stride(1),
         lse.stride(0), *sp, n_tiles, n_hp, n_docs, GROUP=hq // hkv, PACK=pack, CAUSAL=causal, SPARSE=sparse,
         HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
-        LOADER_REGS=LOADER_REGS, ACC=accumulate, NAMED=NAMED_TURN, num_warps=4))
+        LOADER_REGS=LOADER_REGS, ACC=accumulate, NAMED=NAMED_TURN, QRS=Q_RS, num_warps=4))
 
 
 _SMS: dict = {}

@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from longreach.kernels.s2 import S2Pattern
-from longreach.launch.bench.kernels import _bench, _methods
+from longreach.launch.bench.kernels import _bench, _methods, train_step
 
 OUT = os.environ.get("OUT", ".")
 ALL = {"ours_flash", "ours_s2", "sdpa_cudnn", "sdpa_flash", "flex", "flex_s2", "fa4", "fa4_s2"}
@@ -48,15 +48,7 @@ for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     for rnd in range(2):
         for name in want:
             fwd, params, _ = m[name]
-            for p in params:
-                p.requires_grad_(True)
-            out = fwd()
-            dout = torch.randn_like(out)
-
-            def step():
-                for p in params:
-                    p.grad = None
-                fwd().backward(dout)
+            step = train_step(fwd, params)
 
             def f():
                 with torch.no_grad():

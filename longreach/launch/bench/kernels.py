@@ -38,21 +38,25 @@ def _inputs(s: int, hq: int, hkv: int, d: int, device, dtype=torch.bfloat16):
     return q, k, v
 
 
-def _time_pair(fwd: Callable[[], torch.Tensor], params: list, reps_ms: int) -> tuple[float, float]:
-    """(forward ms, forward+backward ms); params get requires_grad."""
-    with torch.no_grad():
-        t_f = _bench(lambda: fwd(), reps_ms)
+def train_step(fwd: Callable[[], torch.Tensor], params: list) -> Callable[[], None]:
+    """params get requires_grad -> a forward+backward step (grads reset each time, one fixed random dout)."""
     for p in params:
         p.requires_grad_(True)
-    out = fwd()
-    dout = torch.randn_like(out)
+    dout = torch.randn_like(fwd())
 
     def step():
         for p in params:
             p.grad = None
         fwd().backward(dout)
 
-    t_fb = _bench(step, reps_ms)
+    return step
+
+
+def _time_pair(fwd: Callable[[], torch.Tensor], params: list, reps_ms: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms); params get requires_grad."""
+    with torch.no_grad():
+        t_f = _bench(lambda: fwd(), reps_ms)
+    t_fb = _bench(train_step(fwd, params), reps_ms)
     for p in params:
         p.requires_grad_(False)
         p.grad = None

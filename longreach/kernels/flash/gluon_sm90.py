@@ -69,6 +69,23 @@ NAMED_TURN = 1
 # 1% or better. Keeping the masked tiles' column indices from being hoisted out of the K/V loop as well made S2 128K
 # 36.8 but dense 128K 246-248: not kept
 Q_RS = 1
+# the tile's one masked K/V tile (the causal diagonal, or a document's partial last keys: never more than one, as
+# 128 / PACK tokens divide 128) walked first, as FlashAttention-4 does, so that the K/V loop after step 0 runs the
+# unmasked softmax only (no mask code, and none of its indices live, in the loop; Triton 3.6's 12 B of spills in the
+# dense variant go). H200, forward alone, 3 rounds alternated, check_sm90_forward ok, error against fp32 a little
+# lower (bench/results/gluon_fwd_knobs_maskfirst_h200_2026-12-04.json): S2 32K 3.37-3.50 vs 3.50-3.53 ms, 128K
+# 35.36-35.43 vs 36.32-36.43; dense 32K 13.86-14.46 vs 14.29-14.42, 128K 223.8-229.0 vs 231.3-235.4
+MASK_FIRST = 1
+
+
+@gluon.jit
+def _order(t, n_iter, n_full, MASK_FIRST: gl.constexpr):
+    # flat step t -> the tile walked there: (MASK_FIRST) the masked tiles [n_full, n_iter) first, then the others
+    if MASK_FIRST:
+        n_mask = n_iter - n_full
+        return gl.where(t < n_mask, n_full + t, t - n_mask)
+    else:
+        return t
 
 
 @gluon.jit
@@ -145,7 +162,8 @@ def _item(r, pid, n_prog):
 def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty,
             CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS, n_items, pid, n_prog,
             GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
-            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+            MASK_FIRST: gl.constexpr):
     TOK: gl.constexpr = q_desc.block_type.shape[0]  # tokens per tile; one box per packed head
     kc = 0  # K/V tiles loaded so far (ring position), Q tiles so far
     nt = 0
@@ -166,7 +184,8 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_r
                     g = kc + t
                     st = g % STAGES
                     mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
-                    start = _tile_start(t, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+                    start = _tile_start(_order(t, n_iter, n_full, MASK_FIRST), lo, n_sink, n_shard, first, s, sp_block,
+                                        n_full, safe_hi, SPARSE, BLOCK_N)
                     bar = kv_ready.index(st)
                     mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
                     _tma_load(k_desc, [k_start + start, hkv * HEAD_DIM], bar, k_bufs.index(st))
@@ -244,7 +263,7 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready,
               n_items, pid, n_prog, qk_scale,
               GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              ACC: gl.constexpr, NAMED: gl.constexpr, QRS: gl.constexpr):
+              ACC: gl.constexpr, NAMED: gl.constexpr, QRS: gl.constexpr, MASK_FIRST: gl.constexpr):
     if NAMED and w == 1:  # consumer 0's first turn (its bar.sync count needs 256: this warpgroup's 128 arrive now)
         _bar("bar.arrive 12, 256; mov.u32 $0, 0;")
     kc = 0  # K/V ring position and Q tiles seen, as the loader and the other consumer count them; turns taken: kc + nt
@@ -259,7 +278,7 @@ def _consumer(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready,
                 _tile_body(w, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                            stride_oh, stride_lh, hp, q_start, q_len, k_len, i0, n_iter, n_full, safe_hi, lo, n_sink,
                            n_shard, first, s, sp_block, qk_scale, kc, kc + nt, nt, CAUSAL, SPARSE, HEAD_DIM,
-                           BLOCK_N, STAGES, PACK, ACC, NAMED, QRS)
+                           BLOCK_N, STAGES, PACK, ACC, NAMED, QRS, MASK_FIRST)
                 kc += n_iter
                 nt += 1
             else:
@@ -292,7 +311,7 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
                first, s, sp_block, qk_scale, kc, tc, nt,
                CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, PACK: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr,
-               QRS: gl.constexpr):
+               QRS: gl.constexpr, MASK_FIRST: gl.constexpr):
     # one tile (n_iter >= 1): kc = K/V ring position of its first tile, tc = turns before it, nt = Q tiles before it
     ROWS: gl.constexpr = 64
     TOK: gl.constexpr = 128 // PACK
@@ -323,14 +342,18 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_l), use_acc=False, is_async=True)
     _turn_done(turn, w, NAMED)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok, ))
-    start = _tile_start(0, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
-    p, m_i, alpha, l_i = _softmax(qk, m_i, l_i, 0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
+    t0 = _order(0, n_iter, n_full, MASK_FIRST)
+    start = _tile_start(t0, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+    p, m_i, alpha, l_i = _softmax(qk, m_i, l_i, t0 >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
     p16 = gl.convert_layout(p.to(dtype), p_l)
     for u in range(1, n_iter):
         g = kc + u
         su = g % STAGES
         sp_ = (g - 1) % STAGES
-        start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
+        if MASK_FIRST:  # (at most one masked tile, walked at step 0)
+            start = 0
+        else:
+            start = _tile_start(u, lo, n_sink, n_shard, first, s, sp_block, n_full, safe_hi, SPARSE, BLOCK_N)
         mbarrier.wait(kv_ready.index(su), (g // STAGES) & 1)
         _turn_wait(turn, w, tc + u, NAMED)
         qk_tok = warpgroup_mma(q_op, k_bufs.index(su).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_l),
@@ -338,7 +361,10 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
         acc_tok = warpgroup_mma(p16, v_bufs.index(sp_), acc, is_async=True)
         _turn_done(turn, w, NAMED)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok, ))
-        p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, u >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
+        if MASK_FIRST:
+            p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, False, start, tok, offs_n, k_len, qk_scale, CAUSAL)
+        else:
+            p, m_new, alpha, l_i = _softmax(qk, m_i, l_i, u >= n_full, start, tok, offs_n, k_len, qk_scale, CAUSAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, ))
         mbarrier.arrive(kv_empty.index(sp_))  # tile u-1's K and V have been read
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
@@ -387,7 +413,7 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
                    GROUP: gl.constexpr, PACK: gl.constexpr, CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, ACC: gl.constexpr, NAMED: gl.constexpr,
-                   QRS: gl.constexpr):
+                   QRS: gl.constexpr, MASK_FIRST: gl.constexpr):
     # work items (q tile, head group, document) heaviest first; one per CTA, or (persistent: a grid of fewer CTAs
     # than items) a snake of them per CTA, the next tile's Q and K/V loaded under this one's last steps and epilogue
     pid = gl.program_id(0)
@@ -414,14 +440,14 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, DENSE, qk_scale, 
         (_consumer, (0, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                      stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
                      N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, ACC, NAMED, QRS)),
+                     STAGES, ACC, NAMED, QRS, MASK_FIRST)),
         (_consumer, (1, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, turn, O, LSE, stride_ot,
                      stride_oh, stride_lh, CU_Q, CU_K, DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP,
                      N_DOCS, n_items, pid, n_prog, qk_scale, GROUP, PACK, CAUSAL, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, ACC, NAMED, QRS)),
+                     STAGES, ACC, NAMED, QRS, MASK_FIRST)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready, kv_empty, CU_Q, CU_K,
                    DENSE, sp_block, sp_window, sp_sink, sp_stride, N_TILES, N_HP, N_DOCS, n_items, pid, n_prog,
-                   GROUP, PACK, CAUSAL, SPARSE, BLOCK_M, BLOCK_N, STAGES, HEAD_DIM)),
+                   GROUP, PACK, CAUSAL, SPARSE, BLOCK_M, BLOCK_N, STAGES, HEAD_DIM, MASK_FIRST)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -508,7 +534,8 @@ def attention_forward_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         q_desc, k_desc, v_desc, out, lse, cu_q, cu_k, dense, scale * LOG2E, out.stride(0), out.stride(1),
         lse.stride(0), *sp, n_tiles, n_hp, n_docs, GROUP=hq // hkv, PACK=pack, CAUSAL=causal, SPARSE=sparse,
         HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
-        LOADER_REGS=LOADER_REGS, ACC=accumulate, NAMED=NAMED_TURN, QRS=Q_RS, num_warps=4))
+        LOADER_REGS=LOADER_REGS, ACC=accumulate, NAMED=NAMED_TURN, QRS=Q_RS, MASK_FIRST=MASK_FIRST,
+        num_warps=4))
 
 
 _SMS: dict = {}

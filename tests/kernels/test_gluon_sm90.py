@@ -85,10 +85,10 @@ def test_compiles_for_sm90_without_spills(tmp_path):
             # register reallocation: one store, reloaded by the consumers
             assert x["stl"] <= 1, x
         else:
-            # the forward, Q held in registers (Q_RS): Triton 3.6 (the GPU image) spills 12 B in the dense variant
-            # and nothing in the others (bench/results/gluon_fwd_qrs_stats_triton36_2026-12-04.json); 3.9 parks up
-            # to 104 B of scalars (tile bookkeeping) in local memory, reloaded from L1. More means Q_RS no longer
-            # fits the 240 consumer registers
+            # the forward, Q held in registers (Q_RS): Triton 3.6 (the GPU image) spilled 12 B in the dense variant
+            # (bench/results/gluon_fwd_qrs_stats_triton36_2026-12-04.json), none since the masked tile goes first
+            # (MASK_FIRST); 3.9 has parked up to 104 B of scalars (tile bookkeeping) in local memory, reloaded from
+            # L1. More means Q_RS no longer fits the 240 consumer registers
             assert x["spill_st"] <= 128 and x["spill_ld"] <= 128, x
         assert x["notes"] == [], x  # e.g. C7514/C7515: ptxas serialised the wgmmas
         assert x["hgmma"] > 0 and x["utmaldg"] > 0, x

@@ -47,6 +47,20 @@ def knob_variants(module, spec: str):
     return variants, use
 
 
+def check_variants(rows: Rows, variants, use, check, broken: list, worst: bool = False):
+    """The sweeps' correctness pass: each variant set up (``use``), ``check()`` (a ``check_sm90_*`` of the kernels
+    bench) run and recorded as one row (all ok?, its rows, the kernel module's launch errors ``broken``; ``worst``:
+    also the largest ``*_vs_triton`` difference)."""
+    for var in variants:
+        use(var)
+        chk = check()
+        extra = {}
+        if worst:
+            extra["worst_vs_triton"] = max((v for r in chk for k, v in r.items()
+                                            if isinstance(v, float) and k.endswith("_vs_triton")), default=None)
+        rows.rec(check=var, ok=all(r.get("ok", True) for r in chk), **extra, rows=chk, broken=list(broken))
+
+
 def forward_case(S: int, s2: bool, hq: int = 32, hkv: int = 8, d: int = 128):
     """The forward sweeps' case: random B1 causal bf16 q/k/v of S tokens (S2: block 128, window 2048, sink 128,
     stride 8) and a closure ``run(pack=None)`` -> (out, lse) through tk.attention_forward (the production dispatch;

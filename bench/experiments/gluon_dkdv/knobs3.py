@@ -15,7 +15,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, alternate, backward_case, knob_variants  # noqa: E402
+from harness import Rows, alternate, backward_case, check_variants, knob_variants  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 from longreach.launch.bench.kernels import check_sm90_backward  # noqa: E402
 
@@ -23,13 +23,7 @@ rows = Rows(os.environ.get("NAME", "gluon_bwd_knobs3"))
 VARIANTS, use = knob_variants(gb, os.environ.get("VARIANTS", "DQ_FIRST=0:LSE_SMEM=0,DQ_FIRST=0:LSE_SMEM=1,"
                                                  "DQ_FIRST=1:LSE_SMEM=0,DQ_FIRST=1:LSE_SMEM=1"))
 
-for var in VARIANTS:
-    use(var)
-    chk = check_sm90_backward()
-    worst = max((v for r in chk for k, v in r.items() if isinstance(v, float) and k.endswith("_vs_triton")),
-                default=None)
-    rows.rec(check=var, ok=all(r.get("ok", True) for r in chk), worst_vs_triton=worst, rows=chk,
-             broken=list(gb._BROKEN))
+check_variants(rows, VARIANTS, use, check_sm90_backward, gb._BROKEN, worst=True)
 
 for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     for kind in os.environ.get("KINDS", "dense,s2").split(","):

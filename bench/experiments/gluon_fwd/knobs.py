@@ -11,17 +11,14 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, bench, forward_case, knob_variants, rel  # noqa: E402
+from harness import Rows, bench, check_variants, forward_case, knob_variants, rel  # noqa: E402
 from longreach.kernels.flash import gluon_sm90 as g  # noqa: E402
 from longreach.launch.bench.kernels import check_sm90_forward  # noqa: E402
 
 rows = Rows(os.environ.get("NAME", "gluon_fwd_knobs"))
 VARIANTS, use = knob_variants(g, os.environ.get("VARIANTS", "STAGES=3,STAGES=2"))
 
-for var in VARIANTS:
-    use(var)
-    chk = check_sm90_forward()
-    rows.rec(check=var, ok=all(r.get("ok", True) for r in chk), rows=chk, broken=list(g._BROKEN))
+check_variants(rows, VARIANTS, use, check_sm90_forward, g._BROKEN)
 
 for S in [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]:
     for kind in os.environ.get("KINDS", "dense,s2").split(","):

@@ -13,7 +13,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "flash_tma"))
-from harness import Rows, alternate, backward_case, knob_variants  # noqa: E402
+from harness import Rows, alternate, backward_case, check_variants, knob_variants  # noqa: E402
 from longreach.kernels.flash import gluon_sm90_bwd as gb  # noqa: E402
 from longreach.kernels.flash import triton as tk  # noqa: E402
 from longreach.launch.bench.kernels import check_sm90_backward  # noqa: E402
@@ -21,10 +21,7 @@ from longreach.launch.bench.kernels import check_sm90_backward  # noqa: E402
 rows = Rows(os.environ.get("NAME", "s2_bwd_split"))
 VARIANTS, use = knob_variants(tk, os.environ.get("VARIANTS", "CHUNK_SPLIT=1,CHUNK_SPLIT=0"))
 
-for var in VARIANTS:
-    use(var)
-    chk = check_sm90_backward()
-    rows.rec(check=var, ok=all(r.get("ok", True) for r in chk), rows=chk, broken=list(gb._BROKEN))
+check_variants(rows, VARIANTS, use, check_sm90_backward, gb._BROKEN)
 
 for case in os.environ.get("CASES", "s2:32768,s2:131072,dense:131072").split(","):
     kind, S = case.split(":")

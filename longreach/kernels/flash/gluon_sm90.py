@@ -315,6 +315,8 @@ def _tile_body(w: gl.constexpr, q_smem, k_bufs, v_bufs, q_bar, q_empty, kv_ready
     # one tile (n_iter >= 1): kc = K/V ring position of its first tile, tc = turns before it, nt = Q tiles before it
     ROWS: gl.constexpr = 64
     TOK: gl.constexpr = 128 // PACK
+    # MASK_FIRST's premise: a tile's tokens (TOK, at a multiple of TOK) never straddle two K/V tiles' worth of mask
+    gl.static_assert(BLOCK_N % TOK == 0, "MASK_FIRST needs the tile's tokens to divide BLOCK_N")
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
